@@ -1,0 +1,1 @@
+//! Host-side client (in progress).
