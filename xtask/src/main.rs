@@ -1,1 +1,61 @@
-fn main() {}
+//! `cargo xtask`: the project's own build and test tasks, std only.
+//!
+//! `src/main.rs` parses the command line and dispatches; each subcommand lives in
+//! its own module. Every command that runs is printed first (`$ cargo ...`), and
+//! any failed step ends the task with a non-zero exit status.
+
+mod cmd;
+mod demo;
+mod ensure;
+mod test;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Errors are plain messages: they are printed once, by `main`.
+pub type Result<T = ()> = std::result::Result<T, String>;
+
+const HELP: &str = "\
+Usage: cargo xtask <COMMAND> [ARGS]
+
+Commands:
+  demo                 Build the agent and kvm-agent-ctl, start the agent on a
+                       temporary unix socket and show the CLI talking to it
+  test [OPTIONS] [STEP]...
+                       Run every test (or only the named steps); installs or
+                       checks what the steps need first
+      --list           List the test steps and exit
+      --fail-fast      Stop at the first failed step (default: run them all)
+  help                 Show this help
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        None | Some("help" | "-h" | "--help") => {
+            print!("{HELP}");
+            Ok(())
+        }
+        Some("test") => test::run(&args[1..]),
+        Some("demo") => demo::run(&args[1..]),
+        Some(other) => Err(format!(
+            "unknown command `{other}` (run `cargo xtask help`)"
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (the folder above `xtask/`).
+pub fn root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}

@@ -1,0 +1,362 @@
+//! `cargo xtask test`: every test of the project, as a list of steps.
+//!
+//! To add a step: write a `fn(&mut Report) -> Result` below and add a [`Step`]
+//! to [`STEPS`] with what it needs ([`Need`]s are installed or checked before
+//! any step runs). A step that runs a test harness should feed its counts to
+//! the [`Report`] so they show in the closing summary.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::cmd::{self, Stream};
+use crate::ensure::{self, Need};
+use crate::Result;
+
+/// One step of `cargo xtask test`.
+#[derive(Debug)]
+pub struct Step {
+    /// Short name, used on the command line (`cargo xtask test clippy`).
+    pub name: &'static str,
+    /// One line saying what it checks.
+    pub about: &'static str,
+    /// What must be installed before it runs.
+    pub needs: &'static [Need],
+    /// The step itself.
+    pub run: fn(&mut Report) -> Result,
+}
+
+const RUSTFMT: Need = Need::Component {
+    subcommand: "fmt",
+    component: "rustfmt",
+};
+const CLIPPY: Need = Need::Component {
+    subcommand: "clippy",
+    component: "clippy",
+};
+
+/// Every step, in the order they run.
+pub const STEPS: &[Step] = &[
+    Step {
+        name: "fmt",
+        about: "formatting (rustfmt)",
+        needs: &[RUSTFMT],
+        run: fmt,
+    },
+    Step {
+        name: "clippy",
+        about: "lints on every target, warnings are errors",
+        needs: &[CLIPPY],
+        run: clippy,
+    },
+    Step {
+        name: "cargo-test",
+        about: "cargo test: unit, integration and doc tests of every crate",
+        needs: &[],
+        run: cargo_test,
+    },
+];
+
+fn fmt(_: &mut Report) -> Result {
+    cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))
+}
+
+fn clippy(_: &mut Report) -> Result {
+    cmd::run(cmd::cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+fn cargo_test(report: &mut Report) -> Result {
+    let mut test = cmd::cargo();
+    test.args(["test", "--workspace", "--no-fail-fast"]);
+    run_cargo_test(&mut test, report)
+}
+
+/// Run a `cargo test` command, passing its output through and collecting the
+/// counts of every test binary into `report`. Fails if it ran no test at all.
+pub fn run_cargo_test(test: &mut Command, report: &mut Report) -> Result {
+    let before = report.suites.len();
+    let mut label = String::from("tests");
+    let result = cmd::run_streaming(test, |stream, line| match stream {
+        Stream::Stderr => {
+            if let Some(l) = suite_label(line) {
+                label = l;
+            }
+        }
+        Stream::Stdout => {
+            if let Some(counts) = parse_test_result(line) {
+                report.suites.push(Suite {
+                    label: label.clone(),
+                    counts,
+                });
+            }
+        }
+    });
+    result?;
+    let ran: u64 = report.suites[before..]
+        .iter()
+        .map(|s| s.counts.passed + s.counts.failed)
+        .sum();
+    if ran == 0 {
+        return Err(format!("`{}` ran no test", cmd::display(test)));
+    }
+    Ok(())
+}
+
+/// Counts from one `test result:` line.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+/// One test binary's results.
+#[derive(Debug)]
+pub struct Suite {
+    pub label: String,
+    pub counts: Counts,
+}
+
+/// What the steps found, printed at the end.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub suites: Vec<Suite>,
+}
+
+impl Report {
+    fn total(&self) -> Counts {
+        self.suites.iter().fold(Counts::default(), |t, s| Counts {
+            passed: t.passed + s.counts.passed,
+            failed: t.failed + s.counts.failed,
+            ignored: t.ignored + s.counts.ignored,
+        })
+    }
+}
+
+/// `Running unittests src/lib.rs (target/debug/deps/foo-0123)` becomes
+/// `unittests src/lib.rs (foo)`; `Doc-tests foo` becomes `doc-tests foo`.
+fn suite_label(line: &str) -> Option<String> {
+    let line = line.trim();
+    if let Some(name) = line.strip_prefix("Doc-tests ") {
+        return Some(format!("doc-tests {}", name.trim()));
+    }
+    let what = line.strip_prefix("Running ")?.trim();
+    let Some((target, binary)) = what.split_once(" (") else {
+        return Some(what.to_string());
+    };
+    let binary = binary.trim_end_matches(')');
+    let file = binary.rsplit('/').next().unwrap_or(binary);
+    let name = match file.rsplit_once('-') {
+        Some((name, hash)) if hash.chars().all(|c| c.is_ascii_hexdigit()) => name,
+        _ => file,
+    };
+    Some(format!("{target} ({name})"))
+}
+
+/// Parse `test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; ...`.
+fn parse_test_result(line: &str) -> Option<Counts> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let (_, fields) = rest.split_once(". ")?;
+    let mut counts = Counts::default();
+    for field in fields.split(';') {
+        let mut words = field.split_whitespace();
+        let (Some(n), Some(what)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(n) = n.parse::<u64>() else { continue };
+        match what {
+            "passed" => counts.passed = n,
+            "failed" => counts.failed = n,
+            "ignored" => counts.ignored = n,
+            _ => {}
+        }
+    }
+    Some(counts)
+}
+
+/// `cargo xtask test [--list] [--fail-fast] [STEP]...`
+pub fn run(args: &[String]) -> Result {
+    let mut fail_fast = false;
+    let mut names = Vec::new();
+    for arg in args {
+        match arg.as_str() {
+            "--list" => {
+                for step in STEPS {
+                    println!("{:<10} {}", step.name, step.about);
+                }
+                return Ok(());
+            }
+            "--fail-fast" => fail_fast = true,
+            a if a.starts_with('-') => {
+                return Err(format!("unknown option `{a}` (run `cargo xtask help`)"))
+            }
+            name => names.push(name),
+        }
+    }
+    let steps = select(&names)?;
+
+    let needs: Vec<Need> = steps.iter().flat_map(|s| s.needs.iter().copied()).collect();
+    ensure::all(&needs)?;
+
+    let mut report = Report::default();
+    let mut outcomes: Vec<(&Step, Duration, Result)> = Vec::new();
+    for step in &steps {
+        println!("\n==> {}: {}", step.name, step.about);
+        let started = Instant::now();
+        let result = (step.run)(&mut report);
+        if let Err(e) = &result {
+            eprintln!("xtask: step `{}` failed: {e}", step.name);
+        }
+        let failed = result.is_err();
+        outcomes.push((step, started.elapsed(), result));
+        if failed && fail_fast {
+            break;
+        }
+    }
+
+    println!("\n==> summary");
+    for (step, elapsed, result) in &outcomes {
+        let verdict = if result.is_ok() { "ok" } else { "FAILED" };
+        println!(
+            "  {:<10} {:<7} {:>7.1}s",
+            step.name,
+            verdict,
+            elapsed.as_secs_f64()
+        );
+    }
+    for step in &steps[outcomes.len()..] {
+        println!("  {:<10} not run (--fail-fast)", step.name);
+    }
+    if !report.suites.is_empty() {
+        println!("test binaries:");
+        for suite in &report.suites {
+            let c = suite.counts;
+            println!(
+                "  {}: {} passed, {} failed, {} ignored",
+                suite.label, c.passed, c.failed, c.ignored
+            );
+        }
+        let t = report.total();
+        println!(
+            "tests: {} passed, {} failed, {} skipped",
+            t.passed, t.failed, t.ignored
+        );
+    }
+
+    let failed: Vec<&str> = outcomes
+        .iter()
+        .filter(|(_, _, r)| r.is_err())
+        .map(|(s, _, _)| s.name)
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("failed steps: {}", failed.join(", ")))
+    }
+}
+
+/// The steps named on the command line, in their usual order; all when none.
+fn select<'a>(names: &[&str]) -> Result<Vec<&'a Step>> {
+    if let Some(unknown) = names.iter().find(|n| !STEPS.iter().any(|s| s.name == **n)) {
+        let known: Vec<&str> = STEPS.iter().map(|s| s.name).collect();
+        return Err(format!(
+            "unknown test step `{unknown}` (steps: {})",
+            known.join(", ")
+        ));
+    }
+    Ok(STEPS
+        .iter()
+        .filter(|s| names.is_empty() || names.contains(&s.name))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_test_result_lines() {
+        assert_eq!(
+            parse_test_result(
+                "test result: ok. 12 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.01s"
+            ),
+            Some(Counts {
+                passed: 12,
+                failed: 0,
+                ignored: 2
+            })
+        );
+        assert_eq!(
+            parse_test_result(
+                "test result: FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out"
+            ),
+            Some(Counts {
+                passed: 3,
+                failed: 1,
+                ignored: 0
+            })
+        );
+        assert_eq!(parse_test_result("test foo ... ok"), None);
+    }
+
+    #[test]
+    fn labels_test_binaries() {
+        assert_eq!(
+            suite_label("     Running unittests src/lib.rs (target/debug/deps/kvm_agent_protocol-1a2b3c4d5e6f7a8b)")
+                .as_deref(),
+            Some("unittests src/lib.rs (kvm_agent_protocol)")
+        );
+        assert_eq!(
+            suite_label("     Running tests/roundtrip.rs (target/debug/deps/roundtrip-00ff)")
+                .as_deref(),
+            Some("tests/roundtrip.rs (roundtrip)")
+        );
+        assert_eq!(
+            suite_label("   Doc-tests kvm_agent_protocol").as_deref(),
+            Some("doc-tests kvm_agent_protocol")
+        );
+        assert_eq!(suite_label("   Compiling xtask v0.0.0"), None);
+    }
+
+    #[test]
+    fn step_names_are_unique_and_selectable() {
+        let all = select(&[]).unwrap();
+        assert_eq!(all.len(), STEPS.len());
+        for (i, a) in STEPS.iter().enumerate() {
+            assert!(STEPS[i + 1..].iter().all(|b| b.name != a.name));
+        }
+        let some = select(&["cargo-test", "fmt"]).unwrap();
+        let names: Vec<&str> = some.iter().map(|s| s.name).collect();
+        assert_eq!(names, ["fmt", "cargo-test"]);
+        assert!(select(&["nope"]).is_err());
+    }
+
+    #[test]
+    fn totals_add_up() {
+        let mut report = Report::default();
+        for (p, f, i) in [(3, 0, 1), (2, 1, 0)] {
+            report.suites.push(Suite {
+                label: "x".into(),
+                counts: Counts {
+                    passed: p,
+                    failed: f,
+                    ignored: i,
+                },
+            });
+        }
+        assert_eq!(
+            report.total(),
+            Counts {
+                passed: 5,
+                failed: 1,
+                ignored: 1
+            }
+        );
+    }
+}
