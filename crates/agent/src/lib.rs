@@ -1,1 +1,30 @@
-//! agent (in progress)
+//! kvm-manager-agent: the guest side.
+//!
+//! A request flows top to bottom through these modules:
+//!
+//! 1. [`transport`]: a host connects (virtio-serial, vsock, unix socket).
+//! 2. [`connection`]: bytes become frames, frames become requests, answers
+//!    go back; concurrency and memory limits are enforced here.
+//! 3. [`dispatch`]: method lookup, the [`policy`] check (once, for every
+//!    method), then one `match` that calls the handler.
+//! 4. [`handlers`]: one module per method group; OS specifics live behind
+//!    [`platform`].
+//!
+//! [`server`] starts the transports and stops cleanly on SIGTERM;
+//! [`config`] reads and validates the configuration file.
+
+pub mod cli;
+pub mod config;
+pub mod connection;
+pub mod context;
+pub mod dispatch;
+pub mod handlers;
+pub mod logging;
+pub mod platform;
+pub mod policy;
+pub mod server;
+pub mod shutdown;
+pub mod transport;
+
+/// The agent's version.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,425 @@
+//! The configuration file, `/etc/kvm-manager-agent/config.toml`.
+//!
+//! Every key is optional and has a safe default; unknown keys are errors, and
+//! each validation error names the key. `kvm-manager-agent --check-config`
+//! runs the same checks and exits.
+
+use std::path::{Path, PathBuf};
+
+use kvm_agent_protocol::frame::{DEFAULT_MAX_FRAME_BYTES, MIN_MAX_FRAME_BYTES};
+use kvm_agent_protocol::MethodName;
+use serde::Deserialize;
+
+use crate::transport::TransportSpec;
+
+/// Where the agent looks for its configuration when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kvm-manager-agent/config.toml";
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the wrong type.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, naming the key and position.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{path}: {key}: {problem}")]
+    Invalid {
+        /// The file (or `<defaults>`).
+        path: PathBuf,
+        /// The offending key, dotted (`limits.max_frame_bytes`).
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The file could be changed by someone other than root.
+    #[error("{path}: refusing a configuration file that {problem}; it must be owned by root and not writable by group or others (chown root {path}; chmod go-w {path})")]
+    Insecure {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with its ownership or mode.
+        problem: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[agent]`: transports and logging.
+    #[serde(default)]
+    pub agent: AgentSection,
+    /// `[limits]`: sizes and concurrency.
+    #[serde(default)]
+    pub limits: LimitsSection,
+    /// `[security]`: what the host may do.
+    #[serde(default)]
+    pub security: SecuritySection,
+}
+
+/// `[agent]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// Where to listen: `virtio-serial[:NAME_OR_PATH]`, `vsock[:PORT]`, `unix:PATH`.
+    #[serde(default = "default_transports")]
+    pub transports: Vec<String>,
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            transports: default_transports(),
+            log_level: default_log_level(),
+        }
+    }
+}
+
+fn default_transports() -> Vec<String> {
+    vec!["virtio-serial".to_owned()]
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+/// `[limits]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Largest frame body either way, in bytes.
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_frame_bytes: u32,
+    /// Largest number of requests in one batch.
+    #[serde(default = "default_max_batch_len")]
+    pub max_batch_len: u32,
+    /// Requests running at once on one connection.
+    #[serde(default = "default_max_requests_per_connection")]
+    pub max_requests_per_connection: u32,
+    /// Requests running at once across all connections.
+    #[serde(default = "default_max_requests_total")]
+    pub max_requests_total: u32,
+    /// Host connections served at once on listening transports.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: default_max_frame_bytes(),
+            max_batch_len: default_max_batch_len(),
+            max_requests_per_connection: default_max_requests_per_connection(),
+            max_requests_total: default_max_requests_total(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+fn default_max_frame_bytes() -> u32 {
+    DEFAULT_MAX_FRAME_BYTES
+}
+fn default_max_batch_len() -> u32 {
+    256
+}
+fn default_max_requests_per_connection() -> u32 {
+    64
+}
+fn default_max_requests_total() -> u32 {
+    256
+}
+fn default_max_connections() -> u32 {
+    64
+}
+
+impl LimitsSection {
+    /// Largest file chunk: the largest power of two whose base64 form, with
+    /// room for the envelope, fits in a frame.
+    pub fn max_chunk_bytes(&self) -> u32 {
+        let room = (u64::from(self.max_frame_bytes) - 4096) * 3 / 4;
+        1 << (63 - room.leading_zeros())
+    }
+}
+
+/// `[security]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecuritySection {
+    /// Allow `exec` and `exec_*` at all.
+    #[serde(default)]
+    pub enable_exec: bool,
+    /// Commands `exec` may run.
+    #[serde(default)]
+    pub allowed_commands: Vec<String>,
+    /// Allow the file transfer methods at all.
+    #[serde(default = "default_true")]
+    pub enable_file_copy: bool,
+    /// Directories file transfers are confined to.
+    #[serde(default = "default_allowed_file_paths")]
+    pub allowed_file_paths: Vec<PathBuf>,
+    /// Methods refused with `denied` whatever else is configured.
+    #[serde(default)]
+    pub disabled_methods: Vec<String>,
+}
+
+impl Default for SecuritySection {
+    fn default() -> Self {
+        Self {
+            enable_exec: false,
+            allowed_commands: Vec::new(),
+            enable_file_copy: true,
+            allowed_file_paths: default_allowed_file_paths(),
+            disabled_methods: Vec::new(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_allowed_file_paths() -> Vec<PathBuf> {
+    vec![PathBuf::from("/tmp"), PathBuf::from("/var/tmp")]
+}
+
+impl Config {
+    /// Parse and validate configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " | "),
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Read, check ownership of, parse and validate a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        check_ownership(path)?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// The configured transports, parsed.
+    pub fn transports(&self) -> Vec<TransportSpec> {
+        self.agent
+            .transports
+            .iter()
+            .map(|t| t.parse().expect("validated"))
+            .collect()
+    }
+
+    /// The disabled methods, parsed.
+    pub fn disabled_methods(&self) -> Vec<MethodName> {
+        self.security
+            .disabled_methods
+            .iter()
+            .map(|m| MethodName::from_name(m).expect("validated"))
+            .collect()
+    }
+
+    fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, problem: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            key: key.to_owned(),
+            problem,
+        };
+        if self.agent.transports.is_empty() {
+            return Err(invalid(
+                "agent.transports",
+                "must name at least one transport".into(),
+            ));
+        }
+        for (i, t) in self.agent.transports.iter().enumerate() {
+            t.parse::<TransportSpec>()
+                .map_err(|e| invalid(&format!("agent.transports[{i}]"), e.to_string()))?;
+        }
+        if crate::logging::parse_level(&self.agent.log_level).is_none() {
+            return Err(invalid(
+                "agent.log_level",
+                format!(
+                    "{:?} is not one of error, warn, info, debug, trace",
+                    self.agent.log_level
+                ),
+            ));
+        }
+        let l = &self.limits;
+        if l.max_frame_bytes < MIN_MAX_FRAME_BYTES {
+            return Err(invalid(
+                "limits.max_frame_bytes",
+                format!(
+                    "must be at least {MIN_MAX_FRAME_BYTES} (got {})",
+                    l.max_frame_bytes
+                ),
+            ));
+        }
+        if l.max_frame_bytes > i32::MAX as u32 {
+            return Err(invalid(
+                "limits.max_frame_bytes",
+                format!("must be at most {} (got {})", i32::MAX, l.max_frame_bytes),
+            ));
+        }
+        for (key, value) in [
+            ("limits.max_batch_len", l.max_batch_len),
+            (
+                "limits.max_requests_per_connection",
+                l.max_requests_per_connection,
+            ),
+            ("limits.max_requests_total", l.max_requests_total),
+            ("limits.max_connections", l.max_connections),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+        }
+        for (i, m) in self.security.disabled_methods.iter().enumerate() {
+            if MethodName::from_name(m).is_none() {
+                return Err(invalid(
+                    &format!("security.disabled_methods[{i}]"),
+                    format!("{m:?} is not a method of this protocol"),
+                ));
+            }
+        }
+        for (i, p) in self.security.allowed_file_paths.iter().enumerate() {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    &format!("security.allowed_file_paths[{i}]"),
+                    format!("{} is not an absolute path", p.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The file must not be changeable by anyone but root (or the user the agent
+/// runs as, for development): it decides what the host may do as root.
+#[cfg(unix)]
+fn check_ownership(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let insecure = |problem: String| ConfigError::Insecure {
+        path: path.to_owned(),
+        problem,
+    };
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(insecure(format!("is owned by uid {}", meta.uid())));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(insecure(format!(
+            "is writable by group or others (mode {:o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_ownership(_path: &Path) -> Result<(), ConfigError> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_safe_defaults() {
+        let c = parse("").unwrap();
+        assert!(!c.security.enable_exec);
+        assert!(c.security.enable_file_copy);
+        assert_eq!(
+            c.security.allowed_file_paths,
+            [PathBuf::from("/tmp"), PathBuf::from("/var/tmp")]
+        );
+        assert_eq!(c.limits.max_frame_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.limits.max_chunk_bytes(), 8 * 1024 * 1024);
+        assert_eq!(c.agent.transports, ["virtio-serial"]);
+    }
+
+    #[test]
+    fn chunk_size_follows_the_frame_limit() {
+        let mut l = LimitsSection {
+            max_frame_bytes: 4096 + 4,
+            ..LimitsSection::default()
+        };
+        assert_eq!(l.max_chunk_bytes(), 2);
+        l.max_frame_bytes = 1 << 20;
+        assert_eq!(l.max_chunk_bytes(), 512 * 1024);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let e = parse("[limits]\nmax_frame_byte = 5000\n").unwrap_err();
+        assert!(e.to_string().contains("max_frame_byte"), "{e}");
+        let e = parse("[securty]\n").unwrap_err();
+        assert!(e.to_string().contains("securty"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_are_errors() {
+        let e = parse("[security]\nenable_exec = \"yes\"\n").unwrap_err();
+        assert!(e.to_string().contains("enable_exec"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_key() {
+        let e = parse("[limits]\nmax_frame_bytes = 10\n").unwrap_err();
+        assert!(e.to_string().contains("limits.max_frame_bytes"), "{e}");
+        let e = parse("[limits]\nmax_requests_total = 0\n").unwrap_err();
+        assert!(e.to_string().contains("limits.max_requests_total"), "{e}");
+        let e = parse("[agent]\ntransports = [\"carrier-pigeon\"]\n").unwrap_err();
+        assert!(e.to_string().contains("agent.transports[0]"), "{e}");
+        let e = parse("[agent]\ntransports = []\n").unwrap_err();
+        assert!(e.to_string().contains("agent.transports"), "{e}");
+        let e = parse("[agent]\nlog_level = \"loud\"\n").unwrap_err();
+        assert!(e.to_string().contains("agent.log_level"), "{e}");
+        let e = parse("[security]\ndisabled_methods = [\"ping\", \"pong\"]\n").unwrap_err();
+        assert!(e.to_string().contains("disabled_methods[1]"), "{e}");
+        let e = parse("[security]\nallowed_file_paths = [\"tmp\"]\n").unwrap_err();
+        assert!(e.to_string().contains("allowed_file_paths[0]"), "{e}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn group_writable_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("kva-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o664)).unwrap();
+        let e = Config::load(&path).unwrap_err();
+        assert!(matches!(e, ConfigError::Insecure { .. }), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Config::load(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

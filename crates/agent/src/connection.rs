@@ -1,0 +1,483 @@
+//! One host connection: frames in, requests dispatched, responses out.
+//!
+//! ```text
+//! stream ──read──▶ FrameDecoder ──▶ jsonrpc::parse_frame ──▶ dispatch::execute
+//!                                                                  │
+//! stream ◀─write── writer task ◀── byte-budgeted queue ◀── encoded response
+//! ```
+//!
+//! - `ping` and `get_capabilities` (and every error found while parsing) are
+//!   answered in line, so they never wait behind slow work.
+//! - Other requests run as tasks; each needs a slot from this connection
+//!   (`limits.max_requests_per_connection`) and from the agent
+//!   (`limits.max_requests_total`), else it is answered `busy` at once.
+//! - Responses queue for the writer under a byte budget: a host that stops
+//!   reading stalls its own requests and then this reader, costing no CPU,
+//!   and memory stays bounded.
+//! - When the host goes away the writer is stopped at once, so no response
+//!   of an old session can reach the next host on a virtio-serial port, and
+//!   the frame decoder starts afresh with the next connection.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use kvm_agent_protocol::frame::{self, Decoded, FrameDecoder, HEADER_LEN};
+use kvm_agent_protocol::jsonrpc::{self, Id, Incoming, Rejected, Request};
+use kvm_agent_protocol::notifications::{AgentReady, AGENT_READY};
+use kvm_agent_protocol::{ErrorCode, ErrorObject, MethodName, PROTOCOL_VERSION};
+use serde_json::json;
+use serde_json::value::RawValue;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::context::Context;
+use crate::dispatch::{self, Route};
+use crate::platform;
+use crate::shutdown::Phase;
+use crate::transport::{Connection, Peer};
+
+/// Read buffer size; larger frame bodies are read straight into place.
+const READ_BUF: usize = 64 * 1024;
+
+/// One encoded frame on its way to the writer, holding its share of the
+/// connection's output budget until written.
+type Outgoing = (Vec<u8>, Option<OwnedSemaphorePermit>);
+
+/// Serve one host until it disconnects or the agent shuts down.
+pub async fn serve(ctx: Arc<Context>, conn: Connection) {
+    let Connection {
+        stream,
+        initial,
+        peer,
+    } = conn;
+    log::debug!("serving {peer}");
+    let (mut reader, writer) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let mut writer = tokio::spawn(write_loop(writer, rx));
+    let max_frame = ctx.config.limits.max_frame_bytes;
+    let out = Responder {
+        tx,
+        // Queued responses may hold up to two maximal frames.
+        budget: Arc::new(Semaphore::new(2 * max_frame as usize)),
+        max_frame,
+    };
+    let mut session = Session {
+        ctx: ctx.clone(),
+        out,
+        slots: Arc::new(Semaphore::new(
+            ctx.config.limits.max_requests_per_connection as usize,
+        )),
+        tasks: JoinSet::new(),
+        peer,
+    };
+    session.announce().await;
+
+    let mut decoder = FrameDecoder::new(max_frame);
+    let mut buf = vec![0u8; READ_BUF];
+    let mut pending = initial;
+    let end = loop {
+        if !pending.is_empty() {
+            let input = std::mem::take(&mut pending);
+            session.feed(&mut decoder, &input).await;
+        }
+        // Large bodies go straight into the frame buffer.
+        let n = if decoder.body_bytes_missing().is_some_and(|m| m >= READ_BUF) {
+            let missing = decoder.body_bytes_missing().unwrap_or(0);
+            let body = decoder.body_spare(missing).expect("in a body");
+            let start = body.len();
+            body.resize(start + missing, 0);
+            let read = tokio::select! {
+                biased;
+                _ = ctx.shutdown.reached(Phase::Draining) => None,
+                r = reader.read(&mut body[start..]) => Some(r),
+            };
+            let n = match read {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => break End::Error(e),
+                None => break End::Shutdown,
+            };
+            body.truncate(start + n);
+            if let Some(Decoded::Frame(f)) = decoder.commit_body() {
+                session.on_frame(f).await;
+            }
+            n
+        } else {
+            let read = tokio::select! {
+                biased;
+                _ = ctx.shutdown.reached(Phase::Draining) => None,
+                r = reader.read(&mut buf) => Some(r),
+            };
+            match read {
+                Some(Ok(n)) => {
+                    pending.extend_from_slice(&buf[..n]);
+                    n
+                }
+                Some(Err(e)) => break End::Error(e),
+                None => break End::Shutdown,
+            }
+        };
+        if n == 0 {
+            break End::Disconnected;
+        }
+    };
+
+    match end {
+        End::Disconnected | End::Error(_) => {
+            if let End::Error(e) = &end {
+                log::info!("{}: read failed: {e}", session.peer);
+            } else {
+                log::debug!("{} disconnected", session.peer);
+            }
+            // Nothing more can reach this host: stop writing at once.
+            writer.abort();
+            if !decoder.is_idle() {
+                log::info!("{}: dropped a partial frame", session.peer);
+            }
+            // Requests still running finish on their own; their answers
+            // have nowhere to go.
+            session.tasks.detach_all();
+        }
+        End::Shutdown => {
+            // Let running requests answer (they are cancelled by the server
+            // after the grace period), then flush.
+            while session.tasks.join_next().await.is_some() {}
+            drop(session);
+            let _ = (&mut writer).await;
+        }
+    }
+}
+
+/// Tell a host it cannot be served now (`busy`, id null), then close.
+pub async fn refuse_busy(conn: Connection, max_connections: u32) {
+    let e = ErrorObject::with_message(ErrorCode::Busy, "Busy: max_connections reached")
+        .data(json!({ "limit": "max_connections", "value": max_connections }));
+    let framed = encode_response(&Id::Null, Err(&e), u32::MAX);
+    let mut stream = conn.stream;
+    let mut framed = framed;
+    let len = (framed.len() - HEADER_LEN) as u32;
+    framed[..HEADER_LEN].copy_from_slice(&frame::header(len));
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let _ = stream.write_all(&framed).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+enum End {
+    Disconnected,
+    Error(std::io::Error),
+    Shutdown,
+}
+
+async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
+    writer: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    let mut w = BufWriter::with_capacity(READ_BUF, writer);
+    while let Some((frame, permit)) = rx.recv().await {
+        if w.write_all(&frame).await.is_err() {
+            return;
+        }
+        drop(permit);
+        // Coalesce whatever else is ready into the same flush.
+        while let Ok((frame, permit)) = rx.try_recv() {
+            if w.write_all(&frame).await.is_err() {
+                return;
+            }
+            drop(permit);
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = w.flush().await;
+}
+
+/// Sends encoded frames to the writer.
+#[derive(Clone)]
+struct Responder {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    budget: Arc<Semaphore>,
+    max_frame: u32,
+}
+
+impl Responder {
+    /// Queue a frame body (header added here), waiting for budget.
+    async fn send_body(&self, mut framed: Vec<u8>) {
+        let body_len = framed.len() - HEADER_LEN;
+        framed[..HEADER_LEN].copy_from_slice(&frame::header(body_len as u32));
+        let cost = framed.len().min(2 * self.max_frame as usize) as u32;
+        let permit = self.budget.clone().acquire_many_owned(cost).await.ok();
+        // A closed channel means the host is gone; the answer is dropped.
+        let _ = self.tx.send((framed, permit));
+    }
+
+    /// Encode and queue one response.
+    async fn respond(&self, id: &Id, outcome: Result<&RawValue, &ErrorObject>) {
+        self.send_body(encode_response(id, outcome, self.max_frame))
+            .await;
+    }
+}
+
+/// A response frame (header space reserved), replaced by a
+/// `payload_too_large` error when it would exceed the frame limit.
+fn encode_response(id: &Id, outcome: Result<&RawValue, &ErrorObject>, max_frame: u32) -> Vec<u8> {
+    let mut out = vec![0u8; HEADER_LEN];
+    jsonrpc::write_response(&mut out, id, outcome);
+    let len = out.len() - HEADER_LEN;
+    if len > max_frame as usize {
+        out.truncate(HEADER_LEN);
+        let e = ErrorObject::with_message(ErrorCode::PayloadTooLarge, "Response too large")
+            .data(json!({ "max_frame_bytes": max_frame, "response_bytes": len }));
+        jsonrpc::write_response(&mut out, id, Err(&e));
+    }
+    out
+}
+
+struct Session {
+    ctx: Arc<Context>,
+    out: Responder,
+    slots: Arc<Semaphore>,
+    tasks: JoinSet<()>,
+    peer: Peer,
+}
+
+impl Session {
+    /// First message of every connection.
+    async fn announce(&self) {
+        let ready = AgentReady {
+            agent_version: crate::AGENT_VERSION.to_owned(),
+            protocol_version: PROTOCOL_VERSION.to_owned(),
+            boot_id: self.ctx.boot_id.clone(),
+            os_family: platform::OS_FAMILY,
+        };
+        let mut out = vec![0u8; HEADER_LEN];
+        jsonrpc::write_request(&mut out, None, AGENT_READY, Some(&ready))
+            .expect("AgentReady serializes");
+        self.out.send_body(out).await;
+    }
+
+    async fn feed(&mut self, decoder: &mut FrameDecoder, mut input: &[u8]) {
+        while !input.is_empty() {
+            let (used, event) = decoder.decode(input);
+            input = &input[used..];
+            match event {
+                Some(Decoded::Frame(f)) => self.on_frame(f).await,
+                Some(Decoded::TooLarge { len, max }) => {
+                    let e =
+                        ErrorObject::with_message(ErrorCode::PayloadTooLarge, "Frame too large")
+                            .data(json!({ "max_frame_bytes": max, "frame_bytes": len }));
+                    log::info!(
+                        "{}: skipping a frame of {len} bytes (limit {max})",
+                        self.peer
+                    );
+                    self.out.respond(&Id::Null, Err(&e)).await;
+                }
+                None => {}
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, frame: Vec<u8>) {
+        let incoming = jsonrpc::parse_frame(&frame, self.ctx.config.limits.max_batch_len as usize);
+        drop(frame);
+        match incoming {
+            Incoming::Invalid(e) => self.out.respond(&Id::Null, Err(&e)).await,
+            Incoming::Single(Err(Rejected { id, error })) => {
+                self.out.respond(&id, Err(&error)).await
+            }
+            Incoming::Single(Ok(req)) => self.start(req).await,
+            Incoming::Batch(items) => self.start_batch(items),
+        }
+    }
+
+    /// Take a task slot from this connection and from the agent, or say
+    /// which limit is reached.
+    fn take_slot(&self) -> Result<Slot, ErrorObject> {
+        let busy = |limit: &str, value: u32| {
+            ErrorObject::with_message(ErrorCode::Busy, format!("Busy: {limit} reached"))
+                .data(json!({ "limit": limit, "value": value }))
+        };
+        let limits = &self.ctx.config.limits;
+        let conn = self.slots.clone().try_acquire_owned().map_err(|_| {
+            busy(
+                "max_requests_per_connection",
+                limits.max_requests_per_connection,
+            )
+        })?;
+        let total = self
+            .ctx
+            .request_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| busy("max_requests_total", limits.max_requests_total))?;
+        Ok(Slot {
+            _conn: conn,
+            _total: total,
+        })
+    }
+
+    async fn start(&mut self, req: Request) {
+        let method = MethodName::from_name(&req.method);
+        match dispatch::route(method) {
+            Route::Inline => {
+                let result = run(&self.ctx, &req.method, req.params.as_deref()).await;
+                if let Some(id) = &req.id {
+                    self.out.respond(id, result.as_deref()).await;
+                }
+            }
+            Route::Task => match self.take_slot() {
+                Err(busy) => {
+                    if let Some(id) = &req.id {
+                        self.out.respond(id, Err(&busy)).await;
+                    }
+                }
+                Ok(slot) => {
+                    let ctx = self.ctx.clone();
+                    let out = self.out.clone();
+                    self.tasks.spawn(async move {
+                        let result = run_task(ctx, &req).await;
+                        if let Some(id) = &req.id {
+                            out.respond(id, result.as_deref()).await;
+                        }
+                        drop(slot);
+                    });
+                }
+            },
+        }
+    }
+
+    /// A batch runs as one task; its task-routed members each take a slot.
+    fn start_batch(&mut self, items: Vec<Result<Request, Rejected>>) {
+        let mut members = JoinSet::new();
+        let mut answers: Vec<Option<Vec<u8>>> = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            answers.push(None);
+            let req = match item {
+                Err(Rejected { id, error }) => {
+                    answers[i] = Some(encode_member(&id, Err(&error)));
+                    continue;
+                }
+                Ok(req) => req,
+            };
+            let slot = match dispatch::route(MethodName::from_name(&req.method)) {
+                Route::Inline => None,
+                Route::Task => match self.take_slot() {
+                    Ok(s) => Some(s),
+                    Err(busy) => {
+                        answers[i] = req.id.as_ref().map(|id| encode_member(id, Err(&busy)));
+                        continue;
+                    }
+                },
+            };
+            let ctx = self.ctx.clone();
+            members.spawn(async move {
+                let result = run_task(ctx, &req).await;
+                drop(slot);
+                (i, req.id.map(|id| encode_member(&id, result.as_deref())))
+            });
+        }
+        let out = self.out.clone();
+        self.tasks.spawn(async move {
+            while let Some(done) = members.join_next().await {
+                match done {
+                    Ok((i, answer)) => answers[i] = answer,
+                    Err(e) => log::error!("a batch member failed: {e}"),
+                }
+            }
+            let parts: Vec<Vec<u8>> = answers.into_iter().flatten().collect();
+            if parts.is_empty() {
+                return; // only notifications: no reply at all
+            }
+            let mut framed = vec![0u8; HEADER_LEN];
+            framed.push(b'[');
+            for (k, part) in parts.iter().enumerate() {
+                if k > 0 {
+                    framed.push(b',');
+                }
+                framed.extend_from_slice(part);
+            }
+            framed.push(b']');
+            let len = framed.len() - HEADER_LEN;
+            if len > out.max_frame as usize {
+                let e = ErrorObject::with_message(ErrorCode::PayloadTooLarge, "Response too large")
+                    .data(json!({ "max_frame_bytes": out.max_frame, "response_bytes": len }));
+                framed = encode_response(&Id::Null, Err(&e), out.max_frame);
+            }
+            out.send_body(framed).await;
+        });
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Tasks of a finished session may run on, but never write anywhere.
+        self.tasks.detach_all();
+    }
+}
+
+/// Held by a request task: one slot of the connection, one of the agent.
+struct Slot {
+    _conn: OwnedSemaphorePermit,
+    _total: OwnedSemaphorePermit,
+}
+
+fn encode_member(id: &Id, outcome: Result<&RawValue, &ErrorObject>) -> Vec<u8> {
+    let mut out = Vec::new();
+    jsonrpc::write_response(&mut out, id, outcome);
+    out
+}
+
+/// Dispatch, turning the dispatcher's error into its wire form.
+async fn run(
+    ctx: &Context,
+    method: &str,
+    params: Option<&RawValue>,
+) -> Result<Box<RawValue>, ErrorObject> {
+    let result = dispatch::execute(ctx, method, params).await.map_err(|e| {
+        log::debug!("{method}: {e}");
+        ErrorObject::from(&e)
+    });
+    ctx.stats.answered.fetch_add(1, Ordering::Relaxed);
+    result
+}
+
+/// Run a task-routed request in its own task, so that a panicking handler
+/// becomes an internal error for that request alone; abandon it with
+/// `cancelled` when the shutdown grace period ends.
+async fn run_task(ctx: Arc<Context>, req: &Request) -> Result<Box<RawValue>, ErrorObject> {
+    let method = req.method.clone();
+    let params = req.params.clone();
+    let mut handle = tokio::spawn({
+        let ctx = ctx.clone();
+        let method = method.clone();
+        async move { run(&ctx, &method, params.as_deref()).await }
+    });
+    tokio::select! {
+        joined = &mut handle => joined.unwrap_or_else(|e| {
+            log::error!("handler of {method} failed: {e}");
+            Err(ErrorObject::new(ErrorCode::InternalError).data(json!({ "method": method })))
+        }),
+        _ = ctx.shutdown.reached(Phase::Cancelling) => {
+            handle.abort();
+            ctx.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            Err(ErrorObject::new(ErrorCode::Cancelled).data(json!({ "method": method })))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_response_becomes_an_error_for_the_same_id() {
+        let big = serde_json::value::to_raw_value(&"x".repeat(5000)).unwrap();
+        let framed = encode_response(&Id::from(3), Ok(&big), 4096);
+        let v: serde_json::Value = serde_json::from_slice(&framed[HEADER_LEN..]).unwrap();
+        assert_eq!(v["id"], 3);
+        assert_eq!(v["error"]["code"], -32005);
+        assert_eq!(v["error"]["data"]["max_frame_bytes"], 4096);
+    }
+}

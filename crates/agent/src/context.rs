@@ -1,0 +1,64 @@
+//! What every connection and request can see: configuration, policy, limits
+//! and the shutdown signal. Built once at start-up.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use kvm_agent_protocol::methods::core::Limits;
+use tokio::sync::Semaphore;
+
+use crate::config::Config;
+use crate::platform;
+use crate::policy::Policy;
+use crate::shutdown::Shutdown;
+
+/// Shared agent state.
+#[derive(Debug)]
+pub struct Context {
+    /// The configuration in force.
+    pub config: Config,
+    /// The policy derived from it.
+    pub policy: Policy,
+    /// This boot's id, read once.
+    pub boot_id: String,
+    /// Permits for requests running as tasks, across all connections.
+    pub request_slots: Arc<Semaphore>,
+    /// The shutdown signal.
+    pub shutdown: Shutdown,
+    /// Counters reported at exit.
+    pub stats: Stats,
+}
+
+/// Counters reported when the agent stops.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Requests answered.
+    pub answered: AtomicU64,
+    /// Requests abandoned at shutdown.
+    pub cancelled: AtomicU64,
+}
+
+impl Context {
+    /// Build the shared state.
+    pub fn new(config: Config, shutdown: Shutdown) -> Arc<Self> {
+        Arc::new(Self {
+            policy: Policy::from_config(&config),
+            boot_id: platform::boot_id(),
+            request_slots: Arc::new(Semaphore::new(config.limits.max_requests_total as usize)),
+            config,
+            shutdown,
+            stats: Stats::default(),
+        })
+    }
+
+    /// The limits as advertised to hosts.
+    pub fn limits(&self) -> Limits {
+        let l = &self.config.limits;
+        Limits {
+            max_frame_bytes: l.max_frame_bytes,
+            max_chunk_bytes: l.max_chunk_bytes(),
+            max_batch_len: l.max_batch_len,
+            max_requests_per_connection: l.max_requests_per_connection,
+        }
+    }
+}

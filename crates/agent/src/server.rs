@@ -1,0 +1,217 @@
+//! Start-up and shutdown: bind the transports, serve connections, and stop
+//! cleanly on SIGTERM or SIGINT.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::connection;
+use crate::context::Context;
+use crate::shutdown::{self, Phase, Shutdown};
+use crate::transport::{Listener, TransportSpec};
+
+/// How long running requests may take to finish after SIGTERM.
+pub const GRACE_PERIOD: Duration = Duration::from_secs(5);
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The async runtime could not start.
+    #[error("cannot start the runtime: {0}")]
+    Runtime(io::Error),
+    /// A listening transport could not be set up.
+    #[error("cannot listen on {spec}: {source}")]
+    Bind {
+        /// The transport.
+        spec: TransportSpec,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// The transport does not exist on this platform.
+    #[error("{0} is not available on this platform")]
+    Unsupported(TransportSpec),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(io::Error),
+}
+
+/// Run the agent until SIGTERM or SIGINT.
+pub fn run(config: Config, transports: Vec<TransportSpec>) -> Result<(), ServerError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServerError::Runtime)?;
+    runtime.block_on(serve(config, transports))
+}
+
+async fn serve(config: Config, transports: Vec<TransportSpec>) -> Result<(), ServerError> {
+    let (controller, shutdown) = shutdown::channel();
+    let ctx = Context::new(config, shutdown.clone());
+    let mut listeners = JoinSet::new();
+    for spec in transports {
+        start_transport(&ctx, spec, &mut listeners)?;
+    }
+    log::info!(
+        "kvm-manager-agent {} ready (protocol {})",
+        crate::AGENT_VERSION,
+        kvm_agent_protocol::PROTOCOL_VERSION
+    );
+
+    let signal = wait_for_signal().await.map_err(ServerError::Signals)?;
+    log::info!("{signal}: finishing running requests (up to {GRACE_PERIOD:?})");
+    let in_flight = |ctx: &Context| {
+        ctx.config.limits.max_requests_total as usize - ctx.request_slots.available_permits()
+    };
+    let before = in_flight(&ctx);
+    controller.advance(Phase::Draining);
+    let all = ctx.config.limits.max_requests_total;
+    let drained = tokio::time::timeout(GRACE_PERIOD, ctx.request_slots.acquire_many(all))
+        .await
+        .is_ok();
+    if !drained {
+        controller.advance(Phase::Cancelling);
+    }
+    // Give connections a moment to flush their last answers.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while listeners.join_next().await.is_some() {}
+    })
+    .await;
+    let cancelled = ctx.stats.cancelled.load(Ordering::Relaxed);
+    log::info!(
+        "stopped: {} requests answered in all; of {before} running at {signal}, {} finished and {cancelled} were cancelled",
+        ctx.stats.answered.load(Ordering::Relaxed),
+        before as u64 - cancelled.min(before as u64),
+    );
+    Ok(())
+}
+
+async fn wait_for_signal() -> io::Result<&'static str> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => Ok("SIGTERM"),
+            _ = int.recv() => Ok("SIGINT"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await?;
+        Ok("Ctrl-C")
+    }
+}
+
+fn start_transport(
+    ctx: &Arc<Context>,
+    spec: TransportSpec,
+    tasks: &mut JoinSet<()>,
+) -> Result<(), ServerError> {
+    let shutdown = ctx.shutdown.clone();
+    match &spec {
+        #[cfg(unix)]
+        TransportSpec::Unix(path) => {
+            let t = crate::transport::unix::UnixTransport::bind(path).map_err(|source| {
+                ServerError::Bind {
+                    spec: spec.clone(),
+                    source,
+                }
+            })?;
+            log::info!("listening on {spec}");
+            tasks.spawn(serve_listener(ctx.clone(), shutdown, spec, t));
+            Ok(())
+        }
+        #[cfg(target_os = "linux")]
+        TransportSpec::Vsock(port) => {
+            let t = crate::transport::vsock::VsockTransport::bind(*port).map_err(|source| {
+                ServerError::Bind {
+                    spec: spec.clone(),
+                    source,
+                }
+            })?;
+            log::info!("listening on {spec}");
+            tasks.spawn(serve_listener(ctx.clone(), shutdown, spec, t));
+            Ok(())
+        }
+        #[cfg(target_os = "linux")]
+        TransportSpec::VirtioSerial(name) => {
+            let mut t = crate::transport::virtio_serial::VirtioSerialTransport::new(name);
+            let ctx = ctx.clone();
+            tasks.spawn(async move {
+                // One host at a time: serve each session to its end, then
+                // wait for the next.
+                loop {
+                    let conn = tokio::select! {
+                        biased;
+                        _ = shutdown.reached(Phase::Draining) => return,
+                        c = t.accept() => c,
+                    };
+                    match conn {
+                        Ok(conn) => connection::serve(ctx.clone(), conn).await,
+                        Err(e) => {
+                            log::error!("{spec}: {e}; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            });
+            Ok(())
+        }
+        #[allow(unreachable_patterns)]
+        _ => Err(ServerError::Unsupported(spec)),
+    }
+}
+
+/// Accept connections until shutdown, serving each in its own task, at most
+/// `limits.max_connections` at once (beyond: one `busy` error, then close).
+async fn serve_listener<L: Listener>(
+    ctx: Arc<Context>,
+    shutdown: Shutdown,
+    spec: TransportSpec,
+    listener: L,
+) {
+    let slots = Arc::new(Semaphore::new(ctx.config.limits.max_connections as usize));
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.reached(Phase::Draining) => break,
+            a = listener.accept() => a,
+            // Reap finished connections as we go.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        match accepted {
+            Ok(conn) => match slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    let ctx = ctx.clone();
+                    connections.spawn(async move {
+                        connection::serve(ctx, conn).await;
+                        drop(slot);
+                    });
+                }
+                Err(_) => {
+                    log::warn!(
+                        "{spec}: refusing {}: limits.max_connections reached",
+                        conn.peer
+                    );
+                    connections.spawn(connection::refuse_busy(
+                        conn,
+                        ctx.config.limits.max_connections,
+                    ));
+                }
+            },
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                log::error!("{spec}: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    while connections.join_next().await.is_some() {}
+}
