@@ -1,0 +1,204 @@
+//! Runs the real agent binary on a unix socket in a scratch directory and
+//! talks raw frames to it.
+
+#![allow(dead_code)] // each test file uses a different part
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Upper bound for anything to happen; tests never assert on durations, this
+/// only turns a hang into a failure.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("kva-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn agent_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_kvm-manager-agent")
+}
+
+/// The agent, killed on drop.
+pub struct Agent {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub scratch: Scratch,
+}
+
+impl Agent {
+    /// Start with this configuration text (written to a file the agent reads).
+    pub fn start(config: &str) -> Self {
+        let scratch = Scratch::new("agent");
+        let socket = scratch.0.join("agent.sock");
+        let config_path = scratch.0.join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = spawn(&config_path, &socket);
+        let agent = Agent {
+            child,
+            socket,
+            scratch,
+        };
+        agent.wait_for_socket();
+        agent
+    }
+
+    /// Stop the agent with SIGTERM and start a new one on the same socket
+    /// with the same configuration. Returns the old one's exit status.
+    pub fn restart(&mut self) -> ExitStatus {
+        let status = self.signal_and_wait();
+        self.child = spawn(&self.scratch.0.join("config.toml"), &self.socket);
+        self.wait_for_socket();
+        status
+    }
+
+    fn wait_for_socket(&self) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the agent never created its socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A new connection, past its `agent_ready`.
+    pub fn connect(&self) -> Conn {
+        let mut c = Conn::open(&self.socket);
+        let ready = c.recv();
+        assert_eq!(ready["method"], "agent_ready", "first frame: {ready}");
+        c
+    }
+
+    /// Send SIGTERM and wait for the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        self.signal_and_wait()
+    }
+
+    fn signal_and_wait(&mut self) -> ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the agent ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(config: &Path, socket: &Path) -> Child {
+    Command::new(agent_binary())
+        .arg("--config")
+        .arg(config)
+        .arg("--transport")
+        .arg(format!("unix:{}", socket.display()))
+        .arg("--log-level")
+        .arg("warn")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the agent")
+}
+
+/// A raw connection speaking frames.
+pub struct Conn {
+    pub stream: UnixStream,
+}
+
+impl Conn {
+    pub fn open(path: &Path) -> Self {
+        let stream = UnixStream::connect(path).expect("connect to the agent");
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        Conn { stream }
+    }
+
+    /// Send one frame with this body.
+    pub fn send(&mut self, body: &[u8]) {
+        let mut framed = (body.len() as u32).to_be_bytes().to_vec();
+        framed.extend_from_slice(body);
+        self.stream.write_all(&framed).unwrap();
+    }
+
+    /// Send raw bytes, no framing.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Receive one frame's body.
+    pub fn recv_bytes(&mut self) -> Vec<u8> {
+        let mut header = [0u8; 4];
+        self.stream
+            .read_exact(&mut header)
+            .expect("a frame header from the agent");
+        let mut body = vec![0u8; u32::from_be_bytes(header) as usize];
+        self.stream
+            .read_exact(&mut body)
+            .expect("a frame body from the agent");
+        body
+    }
+
+    /// Receive one frame as JSON.
+    pub fn recv(&mut self) -> Value {
+        serde_json::from_slice(&self.recv_bytes()).expect("the agent sends JSON")
+    }
+
+    /// Round trip a request body.
+    pub fn call(&mut self, body: &str) -> Value {
+        self.send(body.as_bytes());
+        self.recv()
+    }
+
+    /// Whether the agent closed the connection (reads EOF).
+    pub fn closed_by_agent(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.stream.read(&mut b), Ok(0))
+    }
+
+    /// Ping with a distinctive id; the very next frame must be its answer.
+    pub fn assert_ping_is_next(&mut self) {
+        let reply = self.call(r#"{"jsonrpc":"2.0","id":"after","method":"ping"}"#);
+        assert_eq!(
+            reply,
+            serde_json::json!({"jsonrpc":"2.0","id":"after","result":{}}),
+            "the next frame after a bad one must be the ping answer"
+        );
+    }
+}
+
+/// The error code of a response.
+pub fn error_code(reply: &Value) -> i64 {
+    reply["error"]["code"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("not an error reply: {reply}"))
+}

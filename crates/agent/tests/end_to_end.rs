@@ -1,0 +1,114 @@
+//! The real agent binary driven by the real host client library.
+
+mod common;
+
+use common::{Agent, PATIENCE};
+use kvm_agent_client::{Client, ClientOptions, Target};
+use kvm_agent_protocol::methods::core::OsFamily;
+use kvm_agent_protocol::methods::info::GetInfoParams;
+use kvm_agent_protocol::{ErrorCode, MethodName, PROTOCOL_VERSION};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn options() -> ClientOptions {
+    ClientOptions {
+        call_timeout: PATIENCE,
+        connect_timeout: PATIENCE,
+        ..ClientOptions::default()
+    }
+}
+
+#[test]
+fn client_talks_to_the_agent() {
+    let agent = Agent::start("");
+    runtime().block_on(async {
+        let client = Client::connect(Target::Unix(agent.socket.clone()), options())
+            .await
+            .expect("connect");
+        let ready = client.agent_ready().expect("agent_ready arrives first");
+        assert_eq!(ready.protocol_version, PROTOCOL_VERSION);
+        assert_eq!(ready.os_family, OsFamily::Linux);
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+        assert_eq!(ready.boot_id, boot_id.trim());
+
+        client.ping().await.expect("ping");
+        let caps = client.get_capabilities().await.expect("caps");
+        assert_eq!(
+            caps.methods,
+            [MethodName::Ping, MethodName::GetCapabilities]
+        );
+        assert_eq!(caps.limits.max_frame_bytes, 16 << 20);
+        assert_eq!(caps.limits.max_chunk_bytes, 8 << 20);
+        assert!(!caps.auth_required);
+
+        let err = client
+            .get_info(&GetInfoParams::default())
+            .await
+            .expect_err("get_info has no handler yet");
+        assert_eq!(err.error_code(), Some(ErrorCode::NotImplemented));
+    });
+}
+
+#[test]
+fn many_concurrent_calls_on_one_connection() {
+    let agent = Agent::start("");
+    runtime().block_on(async {
+        let client = std::sync::Arc::new(
+            Client::connect(Target::Unix(agent.socket.clone()), options())
+                .await
+                .unwrap(),
+        );
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..500 {
+            let c = client.clone();
+            tasks.spawn(async move {
+                if i % 2 == 0 {
+                    c.ping().await.map(|_| ())
+                } else {
+                    c.get_capabilities().await.map(|_| ())
+                }
+            });
+        }
+        let mut ok = 0;
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap().expect("call");
+            ok += 1;
+        }
+        assert_eq!(ok, 500);
+    });
+}
+
+#[test]
+fn client_reconnects_to_a_restarted_agent() {
+    let agent = Agent::start("");
+    let rt = runtime();
+    let client = rt.block_on(async {
+        let c = Client::connect(Target::Unix(agent.socket.clone()), options())
+            .await
+            .unwrap();
+        c.ping().await.unwrap();
+        c
+    });
+    let mut agent = agent;
+    let status = agent.restart();
+    assert!(status.success(), "{status:?}");
+    rt.block_on(async {
+        // The first call after the loss may report it; the client then
+        // reconnects by itself.
+        let mut answered = false;
+        for _ in 0..3 {
+            if client.ping().await.is_ok() {
+                answered = true;
+                break;
+            }
+        }
+        assert!(answered, "the client did not reconnect");
+        assert!(client.agent_ready().is_some());
+    });
+}
