@@ -235,12 +235,20 @@ pub fn run(args: &[String]) -> Result {
     }
     if !report.suites.is_empty() {
         println!("test binaries:");
+        let mut empty = 0;
         for suite in &report.suites {
             let c = suite.counts;
+            if c.passed + c.failed + c.ignored == 0 {
+                empty += 1;
+                continue;
+            }
             println!(
                 "  {}: {} passed, {} failed, {} ignored",
                 suite.label, c.passed, c.failed, c.ignored
             );
+        }
+        if empty > 0 {
+            println!("  ({empty} more with no tests)");
         }
         let t = report.total();
         println!(
