@@ -520,17 +520,22 @@ async fn null_id_error_fails_the_sole_outstanding_call() {
 
 #[tokio::test]
 async fn null_id_error_with_several_calls_in_flight_goes_to_the_handler() {
-    // "first" gets a null-id error while "second" is still in flight; the
-    // client cannot know which call it answers, so it fails neither.
-    let agent = fake(|_, req| match req["method"].as_str() {
-        Some("first") => Act::SendAfter(
-            Duration::from_millis(50),
-            json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32700, "message": "Parse error"}}),
-        ),
-        _ => Act::SendAfter(
-            Duration::from_millis(100),
-            json!({"jsonrpc": "2.0", "id": req["id"], "result": "second"}),
-        ),
+    // "first" is never answered; when "second" arrives the fake sends a
+    // null-id error and then the answer to "second". While the error is read
+    // both calls are outstanding, so the client cannot know which one it
+    // answers and fails neither.
+    let agent = fake(|_, req| {
+        match req["method"].as_str() {
+        Some("first") => Act::Silent,
+        _ => Act::Raw(vec![
+            json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32700, "message": "Parse error"}})
+                .to_string()
+                .into_bytes(),
+            json!({"jsonrpc": "2.0", "id": req["id"], "result": "second"})
+                .to_string()
+                .into_bytes(),
+        ]),
+    }
     });
     let seen = Arc::new(Mutex::new(Vec::new()));
     let opts = ClientOptions {
@@ -545,7 +550,7 @@ async fn null_id_error_with_several_calls_in_flight_goes_to_the_handler() {
         let client = client.clone();
         tokio::spawn(async move {
             client
-                .call_raw_with_timeout("first", None, Duration::from_millis(400))
+                .call_raw_with_timeout("first", None, Duration::from_secs(2))
                 .await
         })
     };
@@ -636,7 +641,7 @@ async fn malformed_message_closes_the_connection() {
 async fn late_answers_and_unknown_notifications_are_ignored() {
     let agent = fake(|c, req| match req["method"].as_str() {
         Some("slow") => Act::SendAfter(
-            Duration::from_millis(300),
+            Duration::from_millis(600),
             json!({"jsonrpc": "2.0", "id": req["id"], "result": {}}),
         ),
         _ => {
@@ -657,7 +662,7 @@ async fn late_answers_and_unknown_notifications_are_ignored() {
         .unwrap_err();
     assert!(matches!(e, ClientError::Timeout { .. }));
     client.ping().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
     client.ping().await.unwrap();
     assert_eq!(agent.connections(), 1);
 }
