@@ -23,8 +23,9 @@ use std::sync::Arc;
 
 use kvm_agent_protocol::frame::{self, Decoded, FrameDecoder, HEADER_LEN};
 use kvm_agent_protocol::jsonrpc::{self, Id, Incoming, Rejected, Request};
+use kvm_agent_protocol::methods::Call;
 use kvm_agent_protocol::notifications::{AgentReady, AGENT_READY};
-use kvm_agent_protocol::{ErrorCode, ErrorObject, MethodName, PROTOCOL_VERSION};
+use kvm_agent_protocol::{ErrorCode, ErrorObject, PROTOCOL_VERSION};
 use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
@@ -58,8 +59,7 @@ pub async fn serve(ctx: Arc<Context>, conn: Connection) {
     let max_frame = ctx.config.limits.max_frame_bytes;
     let out = Responder {
         tx,
-        // Queued responses may hold up to two maximal frames.
-        budget: Arc::new(Semaphore::new(2 * max_frame as usize)),
+        budget: Arc::new(Semaphore::new(output_budget(max_frame))),
         max_frame,
     };
     let mut session = Session {
@@ -194,6 +194,13 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
     let _ = w.flush().await;
 }
 
+/// Bytes of encoded responses a connection may have queued for its writer:
+/// one maximal frame plus room for small answers. A host that stops reading
+/// holds at most this much agent memory (plus the requests still running).
+fn output_budget(max_frame: u32) -> usize {
+    max_frame as usize + (1 << 20)
+}
+
 /// Sends encoded frames to the writer.
 #[derive(Clone)]
 struct Responder {
@@ -207,7 +214,7 @@ impl Responder {
     async fn send_body(&self, mut framed: Vec<u8>) {
         let body_len = framed.len() - HEADER_LEN;
         framed[..HEADER_LEN].copy_from_slice(&frame::header(body_len as u32));
-        let cost = framed.len().min(2 * self.max_frame as usize) as u32;
+        let cost = framed.len().min(output_budget(self.max_frame)) as u32;
         let permit = self.budget.clone().acquire_many_owned(cost).await.ok();
         // A closed channel means the host is gone; the answer is dropped.
         let _ = self.tx.send((framed, permit));
@@ -318,64 +325,83 @@ impl Session {
         })
     }
 
-    async fn start(&mut self, req: Request) {
-        let method = MethodName::from_name(&req.method);
-        match dispatch::route(method) {
-            Route::Inline => {
-                let result = run(&self.ctx, &req.method, req.params.as_deref()).await;
-                if let Some(id) = &req.id {
-                    self.out.respond(id, result.as_deref()).await;
-                }
-            }
-            Route::Task => match self.take_slot() {
-                Err(busy) => {
-                    if let Some(id) = &req.id {
-                        self.out.respond(id, Err(&busy)).await;
-                    }
-                }
-                Ok(slot) => {
-                    let ctx = self.ctx.clone();
-                    let out = self.out.clone();
-                    self.tasks.spawn(async move {
-                        let result = run_task(ctx, &req).await;
-                        if let Some(id) = &req.id {
-                            out.respond(id, result.as_deref()).await;
-                        }
-                        drop(slot);
-                    });
-                }
-            },
+    /// Decode, check and find room for a request: the call, and the slot it
+    /// holds when it runs as a task (`None`: answered in line).
+    fn admit(
+        &self,
+        method: &str,
+        params: Option<&RawValue>,
+    ) -> Result<(Call, Option<Slot>), ErrorObject> {
+        let call = dispatch::prepare(&self.ctx, method, params).map_err(|e| {
+            log::debug!("{}: {method}: {e}", self.peer);
+            ErrorObject::from(&e)
+        })?;
+        match dispatch::route(&call) {
+            Route::Inline => Ok((call, None)),
+            Route::Task => Ok((call, Some(self.take_slot()?))),
         }
     }
 
-    /// A batch runs as one task; its task-routed members each take a slot.
+    async fn start(&mut self, req: Request) {
+        let Request { id, method, params } = req;
+        match self.admit(&method, params.as_deref()) {
+            Err(e) => {
+                if let Some(id) = &id {
+                    self.out.respond(id, Err(&e)).await;
+                }
+            }
+            Ok((call, None)) => {
+                let result = run(&self.ctx, call).await;
+                if let Some(id) = &id {
+                    self.out.respond(id, result.as_deref()).await;
+                }
+            }
+            Ok((call, Some(slot))) => {
+                let ctx = self.ctx.clone();
+                let out = self.out.clone();
+                self.tasks.spawn(async move {
+                    let result = run_task(ctx, call).await;
+                    drop(slot);
+                    if let Some(id) = &id {
+                        out.respond(id, result.as_deref()).await;
+                    }
+                });
+            }
+        }
+    }
+
+    /// A batch runs as one task; its members are admitted here, one by one,
+    /// and run concurrently.
     fn start_batch(&mut self, items: Vec<Result<Request, Rejected>>) {
         let mut members = JoinSet::new();
         let mut answers: Vec<Option<Vec<u8>>> = Vec::with_capacity(items.len());
         for (i, item) in items.into_iter().enumerate() {
             answers.push(None);
-            let req = match item {
+            let Request { id, method, params } = match item {
                 Err(Rejected { id, error }) => {
                     answers[i] = Some(encode_member(&id, Err(&error)));
                     continue;
                 }
                 Ok(req) => req,
             };
-            let slot = match dispatch::route(MethodName::from_name(&req.method)) {
-                Route::Inline => None,
-                Route::Task => match self.take_slot() {
-                    Ok(s) => Some(s),
-                    Err(busy) => {
-                        answers[i] = req.id.as_ref().map(|id| encode_member(id, Err(&busy)));
-                        continue;
-                    }
-                },
+            let (call, slot) = match self.admit(&method, params.as_deref()) {
+                Ok(admitted) => admitted,
+                Err(e) => {
+                    answers[i] = id.as_ref().map(|id| encode_member(id, Err(&e)));
+                    continue;
+                }
             };
             let ctx = self.ctx.clone();
             members.spawn(async move {
-                let result = run_task(ctx, &req).await;
-                drop(slot);
-                (i, req.id.map(|id| encode_member(&id, result.as_deref())))
+                let result = match slot {
+                    None => run(&ctx, call).await,
+                    Some(slot) => {
+                        let r = run_task(ctx, call).await;
+                        drop(slot);
+                        r
+                    }
+                };
+                (i, id.map(|id| encode_member(&id, result.as_deref())))
             });
         }
         let out = self.out.clone();
@@ -429,40 +455,35 @@ fn encode_member(id: &Id, outcome: Result<&RawValue, &ErrorObject>) -> Vec<u8> {
     out
 }
 
-/// Dispatch, turning the dispatcher's error into its wire form.
-async fn run(
-    ctx: &Context,
-    method: &str,
-    params: Option<&RawValue>,
-) -> Result<Box<RawValue>, ErrorObject> {
-    let result = dispatch::execute(ctx, method, params).await.map_err(|e| {
+/// Execute a prepared call, turning the dispatcher's error into its wire form.
+async fn run(ctx: &Context, call: Call) -> Result<Box<RawValue>, ErrorObject> {
+    let method = call.method();
+    let result = dispatch::execute(ctx, call).await.map_err(|e| {
         log::debug!("{method}: {e}");
         ErrorObject::from(&e)
     });
-    ctx.stats.answered.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.handled.fetch_add(1, Ordering::Relaxed);
     result
 }
 
-/// Run a task-routed request in its own task, so that a panicking handler
+/// Run a task-routed call in its own task, so that a panicking handler
 /// becomes an internal error for that request alone; abandon it with
 /// `cancelled` when the shutdown grace period ends.
-async fn run_task(ctx: Arc<Context>, req: &Request) -> Result<Box<RawValue>, ErrorObject> {
-    let method = req.method.clone();
-    let params = req.params.clone();
+async fn run_task(ctx: Arc<Context>, call: Call) -> Result<Box<RawValue>, ErrorObject> {
+    let method = call.method();
     let mut handle = tokio::spawn({
         let ctx = ctx.clone();
-        let method = method.clone();
-        async move { run(&ctx, &method, params.as_deref()).await }
+        async move { run(&ctx, call).await }
     });
     tokio::select! {
         joined = &mut handle => joined.unwrap_or_else(|e| {
             log::error!("handler of {method} failed: {e}");
-            Err(ErrorObject::new(ErrorCode::InternalError).data(json!({ "method": method })))
+            Err(ErrorObject::new(ErrorCode::InternalError).data(json!({ "method": method.as_str() })))
         }),
         _ = ctx.shutdown.reached(Phase::Cancelling) => {
             handle.abort();
             ctx.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            Err(ErrorObject::new(ErrorCode::Cancelled).data(json!({ "method": method })))
+            Err(ErrorObject::new(ErrorCode::Cancelled).data(json!({ "method": method.as_str() })))
         }
     }
 }

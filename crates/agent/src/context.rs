@@ -32,8 +32,8 @@ pub struct Context {
 /// Counters reported when the agent stops.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Requests answered.
-    pub answered: AtomicU64,
+    /// Requests executed (answered, or notifications run).
+    pub handled: AtomicU64,
     /// Requests abandoned at shutdown.
     pub cancelled: AtomicU64,
 }

@@ -1,7 +1,7 @@
 //! From a decoded request to its result: method lookup, the policy check
 //! (once, here, for every method), then one `match` that calls the handler.
 
-use kvm_agent_protocol::methods::{self, Method};
+use kvm_agent_protocol::methods::{self, Call, CallError, Method};
 use kvm_agent_protocol::{ErrorCode, ErrorObject, MethodName};
 use serde_json::value::RawValue;
 
@@ -12,18 +12,10 @@ use crate::policy::PolicyError;
 /// Why a request produced no result.
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
-    /// No method by that name.
-    #[error("no method named {0:?}")]
-    MethodNotFound(String),
-    /// The params do not fit the method.
-    #[error("invalid params for {method}: {detail}")]
-    InvalidParams {
-        /// The method.
-        method: MethodName,
-        /// What is wrong, naming the member when there is one.
-        detail: String,
-    },
-    /// The policy refuses the method.
+    /// Unknown method, or params that do not fit it.
+    #[error(transparent)]
+    Call(#[from] CallError),
+    /// The policy refuses the request.
     #[error(transparent)]
     Denied(#[from] PolicyError),
     /// Part of the protocol, but this agent has no handler for it yet.
@@ -43,27 +35,18 @@ impl From<&DispatchError> for ErrorObject {
     fn from(e: &DispatchError) -> Self {
         use serde_json::json;
         match e {
-            DispatchError::MethodNotFound(name) => {
-                ErrorObject::new(ErrorCode::MethodNotFound).data(json!({ "method": name }))
-            }
-            DispatchError::InvalidParams { method, detail } => ErrorObject::with_message(
-                ErrorCode::InvalidParams,
-                format!("Invalid params: {detail}"),
-            )
-            .data(json!({ "method": method.as_str(), "detail": detail })),
+            DispatchError::Call(c) => c.into(),
             DispatchError::Denied(p) => p.into(),
-            DispatchError::NotImplemented(m) => ErrorObject::with_message(
-                ErrorCode::NotImplemented,
-                format!("Not implemented: {m} has no handler in this agent version"),
-            )
-            .data(json!({ "method": m.as_str() })),
+            DispatchError::NotImplemented(m) => {
+                ErrorObject::new(ErrorCode::NotImplemented).data(json!({ "method": m.as_str() }))
+            }
             DispatchError::Encode { method, .. } => ErrorObject::new(ErrorCode::InternalError)
                 .data(json!({ "method": method.as_str() })),
         }
     }
 }
 
-/// How a method is run by the connection.
+/// How a call is run by the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
     /// Cheap and non-blocking: answered in line, never waits for a slot.
@@ -72,12 +55,24 @@ pub enum Route {
     Task,
 }
 
-/// How `method` is run. Unknown methods are answered in line.
-pub fn route(method: Option<MethodName>) -> Route {
-    match method {
-        None | Some(MethodName::Ping) | Some(MethodName::GetCapabilities) => Route::Inline,
-        Some(_) => Route::Task,
+/// How `call` is run.
+pub fn route(call: &Call) -> Route {
+    match call {
+        Call::Ping(_) | Call::GetCapabilities(_) => Route::Inline,
+        _ => Route::Task,
     }
+}
+
+/// Decode a request into a typed call and check it against the policy: the
+/// one place every request passes before anything runs.
+pub fn prepare(
+    ctx: &Context,
+    method: &str,
+    params: Option<&RawValue>,
+) -> Result<Call, DispatchError> {
+    let call = Call::decode(method, params)?;
+    ctx.policy.check(&call)?;
+    Ok(call)
 }
 
 /// Whether this agent has a handler for `method` (else it answers
@@ -87,62 +82,29 @@ pub fn is_implemented(method: MethodName) -> bool {
     matches!(method, MethodName::Ping | MethodName::GetCapabilities)
 }
 
-/// Run one request to its result.
-pub async fn execute(
-    ctx: &Context,
-    method: &str,
-    params: Option<&RawValue>,
-) -> Result<Box<RawValue>, DispatchError> {
-    let method = MethodName::from_name(method)
-        .ok_or_else(|| DispatchError::MethodNotFound(method.to_owned()))?;
-    ctx.policy.check(method)?;
-    match method {
-        MethodName::Ping => encode::<methods::PingMethod>(handlers::ping::ping(decode::<
-            methods::PingMethod,
-        >(params)?)),
-        MethodName::GetCapabilities => encode::<methods::GetCapabilitiesMethod>(
-            handlers::capabilities::get(ctx, decode::<methods::GetCapabilitiesMethod>(params)?),
-        ),
-        MethodName::GetInfo
-        | MethodName::GetMetrics
-        | MethodName::GetUsers
-        | MethodName::Shutdown
-        | MethodName::Reboot
-        | MethodName::Exec
-        | MethodName::ExecStart
-        | MethodName::ExecStatus
-        | MethodName::ExecKill
-        | MethodName::CopyToGuest
-        | MethodName::CopyFromGuest
-        | MethodName::FileOpen
-        | MethodName::FileRead
-        | MethodName::FileWrite
-        | MethodName::FileClose => Err(DispatchError::NotImplemented(method)),
-    }
-}
-
-/// Decode params for `M`: absent and `[]` mean "no params", other arrays are
-/// refused (params are by name), unknown members are refused by the types.
-fn decode<M: Method>(params: Option<&RawValue>) -> Result<M::Params, DispatchError> {
-    let invalid = |detail: String| DispatchError::InvalidParams {
-        method: M::ID,
-        detail,
-    };
-    let text = match params {
-        None => "{}",
-        Some(p) if p.get().starts_with('[') => {
-            match serde_json::from_str::<Vec<serde::de::IgnoredAny>>(p.get()) {
-                Ok(items) if items.is_empty() => "{}",
-                _ => {
-                    return Err(invalid(
-                        "params must be an object (by name), not an array".into(),
-                    ))
-                }
-            }
+/// Run a prepared call to its result.
+pub async fn execute(ctx: &Context, call: Call) -> Result<Box<RawValue>, DispatchError> {
+    match call {
+        Call::Ping(p) => encode::<methods::PingMethod>(handlers::ping::ping(p)),
+        Call::GetCapabilities(p) => {
+            encode::<methods::GetCapabilitiesMethod>(handlers::capabilities::get(ctx, p))
         }
-        Some(p) => p.get(),
-    };
-    serde_json::from_str(text).map_err(|e| invalid(e.to_string()))
+        Call::GetInfo(_)
+        | Call::GetMetrics(_)
+        | Call::GetUsers(_)
+        | Call::Shutdown(_)
+        | Call::Reboot(_)
+        | Call::Exec(_)
+        | Call::ExecStart(_)
+        | Call::ExecStatus(_)
+        | Call::ExecKill(_)
+        | Call::CopyToGuest(_)
+        | Call::CopyFromGuest(_)
+        | Call::FileOpen(_)
+        | Call::FileRead(_)
+        | Call::FileWrite(_)
+        | Call::FileClose(_) => Err(DispatchError::NotImplemented(call.method())),
+    }
 }
 
 fn encode<M: Method>(result: M::Result) -> Result<Box<RawValue>, DispatchError> {
@@ -164,7 +126,8 @@ mod tests {
 
     async fn run(ctx: &Context, method: &str, params: Option<&str>) -> Result<String, ErrorObject> {
         let raw = params.map(|p| RawValue::from_string(p.to_owned()).unwrap());
-        execute(ctx, method, raw.as_deref())
+        let call = prepare(ctx, method, raw.as_deref()).map_err(|e| ErrorObject::from(&e))?;
+        execute(ctx, call)
             .await
             .map(|r| r.get().to_owned())
             .map_err(|e| ErrorObject::from(&e))
@@ -182,11 +145,27 @@ mod tests {
         let ctx = ctx("[security]\nenable_exec = true\n");
         block_on(async {
             for m in MethodName::ALL {
-                let r = run(&ctx, m.as_str(), None).await;
+                let params = required_params(*m);
+                let r = run(&ctx, m.as_str(), Some(params)).await;
                 let not_impl = matches!(&r, Err(e) if e.kind() == Some(ErrorCode::NotImplemented));
                 assert_eq!(is_implemented(*m), !not_impl, "{m}: {r:?}");
             }
         });
+    }
+
+    /// The smallest valid params of each method.
+    fn required_params(m: MethodName) -> &'static str {
+        match m {
+            MethodName::Exec | MethodName::ExecStart => r#"{"command":"true"}"#,
+            MethodName::ExecStatus | MethodName::ExecKill => r#"{"handle":1}"#,
+            MethodName::CopyToGuest => r#"{"path":"/tmp/x","content_base64":""}"#,
+            MethodName::CopyFromGuest => r#"{"path":"/tmp/x"}"#,
+            MethodName::FileOpen => r#"{"path":"/tmp/x","access":"read"}"#,
+            MethodName::FileRead => r#"{"handle":1,"offset":0,"length":1}"#,
+            MethodName::FileWrite => r#"{"handle":1,"offset":0,"data_base64":""}"#,
+            MethodName::FileClose => r#"{"handle":1}"#,
+            _ => "{}",
+        }
     }
 
     #[test]
@@ -203,6 +182,10 @@ mod tests {
                 .unwrap_err();
             assert_eq!(e.kind(), Some(ErrorCode::InvalidParams));
             assert!(e.message.contains("confrim"), "{}", e.message);
+            // Params are checked before the policy: a denied method with bad
+            // params is told about its params.
+            let e = run(&ctx, "exec", Some("{}")).await.unwrap_err();
+            assert_eq!(e.kind(), Some(ErrorCode::InvalidParams));
         });
     }
 
@@ -218,7 +201,7 @@ mod tests {
                 .await
                 .unwrap_err();
             assert_eq!(e.kind(), Some(ErrorCode::Denied), "exec is off by default");
-            let e = run(&ctx, "get_metrics", None).await.unwrap_err();
+            let e = run(&ctx, "get_metrics", Some("{}")).await.unwrap_err();
             assert_eq!(e.kind(), Some(ErrorCode::NotImplemented));
             assert_eq!(e.data.unwrap()["method"], "get_metrics");
         });

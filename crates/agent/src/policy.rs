@@ -1,6 +1,7 @@
 //! The local policy: what the host may ask of this guest. Checked once, in
 //! the dispatcher, before any handler runs.
 
+use kvm_agent_protocol::methods::Call;
 use kvm_agent_protocol::{ErrorCode, ErrorObject, MethodName};
 
 use crate::config::Config;
@@ -61,8 +62,13 @@ impl Policy {
         }
     }
 
-    /// Whether `method` may run.
-    pub fn check(&self, method: MethodName) -> Result<(), PolicyError> {
+    /// Whether `call` may run.
+    pub fn check(&self, call: &Call) -> Result<(), PolicyError> {
+        self.check_method(call.method())
+    }
+
+    /// Whether `method` may run at all (what `get_capabilities` lists).
+    pub fn check_method(&self, method: MethodName) -> Result<(), PolicyError> {
         use MethodName::*;
         if self.disabled.contains(&method) {
             return Err(PolicyError::MethodDisabled(method));
@@ -95,23 +101,23 @@ mod tests {
         let p = policy("");
         for m in MethodName::ALL {
             let exec = m.as_str().starts_with("exec");
-            assert_eq!(p.check(*m).is_err(), exec, "{m}");
+            assert_eq!(p.check_method(*m).is_err(), exec, "{m}");
         }
     }
 
     #[test]
     fn switches_and_disabled_methods() {
         let p = policy("[security]\nenable_exec = true\nenable_file_copy = false\ndisabled_methods = [\"reboot\"]\n");
-        assert!(p.check(MethodName::Exec).is_ok());
+        assert!(p.check_method(MethodName::Exec).is_ok());
         assert_eq!(
-            p.check(MethodName::FileRead),
+            p.check_method(MethodName::FileRead),
             Err(PolicyError::FileCopyDisabled(MethodName::FileRead))
         );
         assert_eq!(
-            p.check(MethodName::Reboot),
+            p.check_method(MethodName::Reboot),
             Err(PolicyError::MethodDisabled(MethodName::Reboot))
         );
-        let wire = ErrorObject::from(&p.check(MethodName::Reboot).unwrap_err());
+        let wire = ErrorObject::from(&p.check_method(MethodName::Reboot).unwrap_err());
         assert_eq!(wire.kind(), Some(ErrorCode::Denied));
         assert_eq!(
             wire.data.unwrap()["config_key"],

@@ -83,8 +83,8 @@ async fn serve(config: Config, transports: Vec<TransportSpec>) -> Result<(), Ser
     .await;
     let cancelled = ctx.stats.cancelled.load(Ordering::Relaxed);
     log::info!(
-        "stopped: {} requests answered in all; of {before} running at {signal}, {} finished and {cancelled} were cancelled",
-        ctx.stats.answered.load(Ordering::Relaxed),
+        "stopped: {} requests handled in all; of {before} running at {signal}, {} finished and {cancelled} were cancelled",
+        ctx.stats.handled.load(Ordering::Relaxed),
         before as u64 - cancelled.min(before as u64),
     );
     Ok(())

@@ -41,7 +41,10 @@ fn client_talks_to_the_agent() {
         let caps = client.get_capabilities().await.expect("caps");
         assert_eq!(
             caps.methods,
-            [MethodName::Ping, MethodName::GetCapabilities]
+            [
+                MethodName::Ping.as_str(),
+                MethodName::GetCapabilities.as_str()
+            ]
         );
         assert_eq!(caps.limits.max_frame_bytes, 16 << 20);
         assert_eq!(caps.limits.max_chunk_bytes, 8 << 20);

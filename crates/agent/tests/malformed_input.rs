@@ -141,7 +141,7 @@ fn params_of_the_wrong_type() {
         (reply["id"].clone(), error_code(&reply)),
         (json!(44), -32602)
     );
-    assert!(reply["error"]["data"]["detail"]
+    assert!(reply["error"]["data"]["reason"]
         .as_str()
         .unwrap()
         .contains("count"));

@@ -12,7 +12,9 @@ pub const HEADER_LEN: usize = 4;
 /// Default largest frame body, in bytes (16 MiB).
 pub const DEFAULT_MAX_FRAME_BYTES: u32 = 16 * 1024 * 1024;
 
-/// Smallest limit either side accepts: every fixed-size message fits in it.
+/// Smallest limit either side accepts: every single request and response of
+/// fixed size fits in it (a reply too large for the limit, such as the answer
+/// to a long batch, is replaced by a `payload_too_large` error).
 pub const MIN_MAX_FRAME_BYTES: u32 = 4096;
 
 /// What the decoder produced from the bytes it was given.

@@ -18,7 +18,8 @@ pub const JSONRPC_VERSION: &str = "2.0";
 /// could not be read).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Id {
-    /// A JSON number, kept exactly as sent.
+    /// A JSON number. Integers round-trip exactly (up to 64 bits); other
+    /// numbers are echoed as a double (`1e3` comes back as `1000.0`).
     Number(serde_json::Number),
     /// A JSON string.
     String(String),
@@ -141,7 +142,7 @@ pub fn parse_frame(frame: &[u8], max_batch_len: usize) -> Incoming {
             )
         }
     };
-    let first = text.bytes().find(|b| !b.is_ascii_whitespace());
+    let first = text.bytes().find(|b| !is_json_whitespace(*b));
     match first {
         None => Incoming::Invalid(
             ErrorObject::with_message(ErrorCode::ParseError, "Parse error: empty frame")
@@ -150,12 +151,16 @@ pub fn parse_frame(frame: &[u8], max_batch_len: usize) -> Incoming {
         Some(b'[') => match serde_json::from_str::<Vec<Box<RawValue>>>(text) {
             Err(e) => Incoming::Invalid(parse_error(&e)),
             Ok(items) if items.is_empty() => Incoming::Invalid(
-                ErrorObject::with_message(ErrorCode::InvalidRequest, "Invalid Request: empty batch")
-                    .data(serde_json::json!({ "reason": "empty batch" })),
+                ErrorObject::with_message(
+                    ErrorCode::InvalidRequest,
+                    "Invalid Request: empty batch",
+                )
+                .data(serde_json::json!({ "reason": "empty batch" })),
             ),
             Ok(items) if items.len() > max_batch_len => Incoming::Invalid(
-                ErrorObject::with_message(ErrorCode::PayloadTooLarge, "Batch too large")
-                    .data(serde_json::json!({ "max_batch_len": max_batch_len, "batch_len": items.len() })),
+                ErrorObject::with_message(ErrorCode::PayloadTooLarge, "Batch too large").data(
+                    serde_json::json!({ "max_batch_len": max_batch_len, "batch_len": items.len() }),
+                ),
             ),
             Ok(items) => Incoming::Batch(items.iter().map(|i| parse_object(i.get())).collect()),
         },
@@ -172,6 +177,11 @@ pub fn parse_frame(frame: &[u8], max_batch_len: usize) -> Incoming {
             ok => Incoming::Single(ok),
         },
     }
+}
+
+/// JSON's four whitespace characters (form feed is not one of them).
+fn is_json_whitespace(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
 fn parse_error(e: &serde_json::Error) -> ErrorObject {
@@ -196,7 +206,10 @@ fn parse_object(text: &str) -> Result<Request, Rejected> {
     let raw: RawRequest = match serde_json::from_str(text) {
         Ok(r) => r,
         Err(e) if e.is_data() => {
-            let reason = if text.trim_start().starts_with('{') {
+            let reason = if text
+                .trim_start_matches(|c: char| c.is_ascii() && is_json_whitespace(c as u8))
+                .starts_with('{')
+            {
                 e.to_string()
             } else {
                 "not an object".to_owned()
@@ -357,7 +370,7 @@ struct RawFromAgent {
 
 /// Parse one frame received by the host.
 pub fn parse_from_agent(frame: &[u8]) -> Result<FromAgent, FromAgentError> {
-    let first = frame.iter().find(|b| !b.is_ascii_whitespace());
+    let first = frame.iter().find(|b| !is_json_whitespace(**b));
     if first == Some(&b'[') {
         let items: Vec<Box<RawValue>> = serde_json::from_slice(frame)?;
         let responses = items
@@ -472,21 +485,36 @@ mod tests {
     #[test]
     fn invalid_requests_keep_their_id_when_readable() {
         let r = single(r#"{"jsonrpc":"1.0","id":3,"method":"ping"}"#).unwrap_err();
-        assert_eq!((r.id, code(&r.error)), (Id::from(3), ErrorCode::InvalidRequest));
+        assert_eq!(
+            (r.id, code(&r.error)),
+            (Id::from(3), ErrorCode::InvalidRequest)
+        );
         let r = single(r#"{"jsonrpc":"2.0","id":4}"#).unwrap_err();
-        assert_eq!((r.id, code(&r.error)), (Id::from(4), ErrorCode::InvalidRequest));
+        assert_eq!(
+            (r.id, code(&r.error)),
+            (Id::from(4), ErrorCode::InvalidRequest)
+        );
         let r = single(r#"{"jsonrpc":"2.0","id":5,"method":1}"#).unwrap_err();
         assert_eq!(r.id, Id::from(5));
         let r = single(r#"{"jsonrpc":"2.0","id":6,"method":"ping","params":"x"}"#).unwrap_err();
-        assert_eq!((r.id, code(&r.error)), (Id::from(6), ErrorCode::InvalidRequest));
+        assert_eq!(
+            (r.id, code(&r.error)),
+            (Id::from(6), ErrorCode::InvalidRequest)
+        );
         let r = single(r#"{"jsonrpc":"2.0","id":7,"method":"ping","params":null}"#).unwrap_err();
         assert_eq!(r.id, Id::from(7));
         let r = single(r#"{"jsonrpc":"2.0","id":{"a":1},"method":"ping"}"#).unwrap_err();
-        assert_eq!((r.id, code(&r.error)), (Id::Null, ErrorCode::InvalidRequest));
+        assert_eq!(
+            (r.id, code(&r.error)),
+            (Id::Null, ErrorCode::InvalidRequest)
+        );
         let r = single(r#"{"method":"ping","id":8}"#).unwrap_err();
         assert_eq!(r.id, Id::from(8));
         let r = single(r#"42"#).unwrap_err();
-        assert_eq!((r.id, code(&r.error)), (Id::Null, ErrorCode::InvalidRequest));
+        assert_eq!(
+            (r.id, code(&r.error)),
+            (Id::Null, ErrorCode::InvalidRequest)
+        );
         let r = single(r#"{"jsonrpc":"2.0","id":1,"id":2,"method":"ping"}"#).unwrap_err();
         assert_eq!(code(&r.error), ErrorCode::InvalidRequest);
     }

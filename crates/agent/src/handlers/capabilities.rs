@@ -17,7 +17,8 @@ pub fn get(ctx: &Context, _params: NoParams) -> Capabilities {
         methods: MethodName::ALL
             .iter()
             .copied()
-            .filter(|m| dispatch::is_implemented(*m) && ctx.policy.check(*m).is_ok())
+            .filter(|m| dispatch::is_implemented(*m) && ctx.policy.check_method(*m).is_ok())
+            .map(|m| m.as_str().to_owned())
             .collect(),
         limits: ctx.limits(),
         auth_required: false,

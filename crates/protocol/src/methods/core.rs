@@ -2,8 +2,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::MethodName;
-
 /// Params of a method that takes none: absent, `{}` or `[]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,8 +41,9 @@ pub struct Capabilities {
     /// The guest's OS family.
     pub os_family: OsFamily,
     /// The methods this agent will execute under its current policy: every
-    /// other method is answered with an error.
-    pub methods: Vec<MethodName>,
+    /// other method is answered with an error. Strings, not [`MethodName`](super::MethodName)s,
+    /// so that a host reads the list of a newer agent too.
+    pub methods: Vec<String>,
     /// The limits in force.
     pub limits: Limits,
     /// Whether requests must carry an authentication code.

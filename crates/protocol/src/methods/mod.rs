@@ -15,6 +15,9 @@ pub mod power;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::error::{ErrorCode, ErrorObject};
 
 /// A protocol method: its wire name and its params and result types.
 pub trait Method {
@@ -48,6 +51,28 @@ macro_rules! methods {
             /// The method with this wire name.
             pub fn from_name(name: &str) -> Option<Self> {
                 match name { $( $name => Some(MethodName::$variant), )* _ => None }
+            }
+        }
+
+        /// A request decoded into its method and typed params: what the agent
+        /// executes, with one `match`.
+        #[derive(Debug, Clone)]
+        pub enum Call {
+            $( $(#[$doc])* $variant($params), )*
+        }
+
+        impl Call {
+            /// The method called.
+            pub fn method(&self) -> MethodName {
+                match self { $( Call::$variant(_) => MethodName::$variant, )* }
+            }
+
+            /// Decode a request's method and params (see [`decode_params`]).
+            pub fn decode(method: &str, params: Option<&RawValue>) -> Result<Call, CallError> {
+                match MethodName::from_name(method) {
+                    $( Some(MethodName::$variant) => decode_params::<$ty>(params).map(Call::$variant), )*
+                    None => Err(CallError::UnknownMethod(method.to_owned())),
+                }
             }
         }
 
@@ -102,6 +127,66 @@ methods! {
     FileClose = "file_close" => FileCloseMethod (files::FileCloseParams) -> files::FileClosed;
 }
 
+/// Why a request's method and params do not make a [`Call`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// No method by that name: -32601.
+    #[error("no method named {0:?}")]
+    UnknownMethod(String),
+    /// The params do not fit the method: -32602.
+    #[error("invalid params for {method}: {reason}")]
+    InvalidParams {
+        /// The method.
+        method: MethodName,
+        /// The first problem, naming the member when there is one.
+        reason: String,
+    },
+}
+
+impl From<&CallError> for ErrorObject {
+    fn from(e: &CallError) -> Self {
+        match e {
+            CallError::UnknownMethod(name) => ErrorObject::new(ErrorCode::MethodNotFound)
+                .data(serde_json::json!({ "method": name })),
+            CallError::InvalidParams { method, reason } => ErrorObject::with_message(
+                ErrorCode::InvalidParams,
+                format!("Invalid params: {reason}"),
+            )
+            .data(serde_json::json!({ "method": method.as_str(), "reason": reason })),
+        }
+    }
+}
+
+/// `data.reason` when params are given by position.
+pub const POSITIONAL_PARAMS_REASON: &str = "params must be given by name, as an object";
+
+/// Decode params for `M`. Absent params and `[]` mean "no params"; other
+/// arrays are refused (params are by name); unknown members are refused by
+/// the params types. The reason names the first problem, without a position.
+pub fn decode_params<M: Method>(params: Option<&RawValue>) -> Result<M::Params, CallError> {
+    let invalid = |reason: String| CallError::InvalidParams {
+        method: M::ID,
+        reason,
+    };
+    let text = match params {
+        None => "{}",
+        Some(p) if p.get().starts_with('[') => {
+            match serde_json::from_str::<Vec<serde::de::IgnoredAny>>(p.get()) {
+                Ok(items) if items.is_empty() => "{}",
+                _ => return Err(invalid(POSITIONAL_PARAMS_REASON.to_owned())),
+            }
+        }
+        Some(p) => p.get(),
+    };
+    serde_json::from_str(text).map_err(|e| {
+        let mut reason = e.to_string();
+        if let Some(at) = reason.rfind(" at line ") {
+            reason.truncate(at);
+        }
+        invalid(reason)
+    })
+}
+
 impl std::fmt::Display for MethodName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -134,5 +219,52 @@ mod tests {
         }
         assert_eq!(MethodName::from_name("guest-ping"), None);
         assert_eq!(<PingMethod as Method>::NAME, "ping");
+    }
+
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn calls_decode_with_typed_params() {
+        let c = Call::decode("get_info", Some(&raw(r#"{"all_interfaces":true}"#))).unwrap();
+        assert_eq!(c.method(), MethodName::GetInfo);
+        assert!(matches!(c, Call::GetInfo(p) if p.all_interfaces));
+        assert!(matches!(Call::decode("ping", None), Ok(Call::Ping(_))));
+        assert!(matches!(
+            Call::decode("ping", Some(&raw("[ ]"))),
+            Ok(Call::Ping(_))
+        ));
+        for m in MethodName::ALL {
+            // Every method decodes or names what is missing; none panics.
+            let _ = Call::decode(m.as_str(), None);
+        }
+    }
+
+    #[test]
+    fn call_errors() {
+        assert_eq!(
+            Call::decode("guest-ping", None).unwrap_err(),
+            CallError::UnknownMethod("guest-ping".into())
+        );
+        let e = Call::decode("get_info", Some(&raw("[true]"))).unwrap_err();
+        assert_eq!(
+            e,
+            CallError::InvalidParams {
+                method: MethodName::GetInfo,
+                reason: POSITIONAL_PARAMS_REASON.into()
+            }
+        );
+        let e = Call::decode("shutdown", Some(&raw(r#"{"confrim":true}"#))).unwrap_err();
+        let CallError::InvalidParams { reason, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert!(reason.starts_with("unknown field `confrim`"), "{reason}");
+        assert!(!reason.contains(" at line "), "{reason}");
+        let wire = ErrorObject::from(&e);
+        assert_eq!(wire.kind(), Some(ErrorCode::InvalidParams));
+        assert_eq!(wire.data.unwrap()["method"], "shutdown");
+        let e = Call::decode("exec", Some(&raw("{}"))).unwrap_err();
+        assert!(e.to_string().contains("command"), "{e}");
     }
 }
