@@ -176,6 +176,20 @@ enum Command {
         /// The params, as a JSON object or array.
         json_params: Option<String>,
     },
+    /// Print every agent_ready: start-ups, restarts and guest reboots.
+    ///
+    /// Waits for the agent (retrying once a second while it is unreachable),
+    /// prints its agent_ready, then checks the connection with a ping every
+    /// --interval seconds; when it is lost, waits for the agent again and
+    /// prints the new agent_ready, marking a changed boot id as a reboot.
+    /// Runs until interrupted.
+    ///
+    /// Example: kvm-agent-ctl -c vsock:42:1024 watch-ready --interval 5
+    WatchReady {
+        /// Seconds between liveness pings.
+        #[arg(long, value_name = "SECS", default_value = "2", value_parser = parse_secs)]
+        interval: Duration,
+    },
     /// Print a shell completion script.
     ///
     /// Example: kvm-agent-ctl completions bash > /etc/bash_completion.d/kvm-agent-ctl
@@ -376,8 +390,11 @@ async fn run(cli: Cli, target: Target) -> Outcome {
         reconnect: false,
         ..ClientOptions::default()
     };
-    let client = Client::connect(target, options).await?;
     let json = cli.json;
+    if let Command::WatchReady { interval } = cli.command {
+        return watch_ready(target, options, interval, json).await;
+    }
+    let client = Client::connect(target, options).await?;
     match cli.command {
         Command::Ping { count } => ping(&client, count, json).await,
         Command::Caps => {
@@ -417,7 +434,7 @@ async fn run(cli: Cli, target: Target) -> Outcome {
             method,
             json_params,
         } => call(&client, &method, json_params.as_deref(), json).await,
-        Command::Completions { .. } => Ok(EXIT_OK),
+        Command::Completions { .. } | Command::WatchReady { .. } => Ok(EXIT_OK),
     }
 }
 
@@ -466,6 +483,74 @@ async fn ping(client: &Client, count: u32, json: bool) -> Outcome {
         }
     }
     Ok(EXIT_OK)
+}
+
+async fn watch_ready(
+    target: Target,
+    options: ClientOptions,
+    interval: Duration,
+    json: bool,
+) -> Outcome {
+    let connect_timeout = options.connect_timeout;
+    let client = Client::lazy(
+        target,
+        ClientOptions {
+            reconnect: true,
+            ..options
+        },
+    );
+    let mut last_boot: Option<String> = None;
+    let mut waiting_said = false;
+    loop {
+        let ready = match client.wait_ready(connect_timeout).await {
+            Ok(r) => r,
+            Err(e) if e.is_connection_error() => {
+                if !waiting_said {
+                    eprintln!("waiting for the agent: {e}");
+                    waiting_said = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        waiting_said = false;
+        let rebooted = last_boot.as_ref().is_some_and(|b| *b != ready.boot_id);
+        if json {
+            let v = serde_json::to_value(&ready).map_err(|e| Failure::Protocol(e.to_string()))?;
+            println!("{v}");
+        } else {
+            let note = if rebooted { " (guest rebooted)" } else { "" };
+            println!(
+                "agent_ready: agent {} protocol {} os {} boot {}{note}",
+                ready.agent_version,
+                ready.protocol_version,
+                ready.os_family.as_str(),
+                ready.boot_id
+            );
+        }
+        last_boot = Some(ready.boot_id);
+        // Watch the connection until it is lost.
+        loop {
+            tokio::time::sleep(interval).await;
+            // Seen first, so that a quiet reconnect inside the ping below
+            // cannot hide an agent restart.
+            if !client.is_connected().await {
+                eprintln!("connection lost");
+                break;
+            }
+            match client.call::<m::PingMethod>(&NoParams {}).await {
+                Ok(_) if client.agent_ready().map(|r| r.boot_id) == last_boot => {}
+                // A reconnect happened inside the call: report the new greeting.
+                Ok(_) => break,
+                Err(e) if e.is_connection_error() => {
+                    eprintln!("connection lost: {e}");
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
 }
 
 fn decode_output(o: &Output) -> Result<Vec<u8>, Failure> {
