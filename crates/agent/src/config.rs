@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use kvm_agent_protocol::frame::{DEFAULT_MAX_FRAME_BYTES, MIN_MAX_FRAME_BYTES};
 use kvm_agent_protocol::MethodName;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::transport::TransportSpec;
 
@@ -55,7 +55,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// `[agent]`: transports and logging.
@@ -70,7 +70,7 @@ pub struct Config {
 }
 
 /// `[agent]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSection {
     /// Where to listen: `virtio-serial[:NAME_OR_PATH]`, `vsock[:PORT]`, `unix:PATH`.
@@ -99,7 +99,7 @@ fn default_log_level() -> String {
 }
 
 /// `[limits]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSection {
     /// Largest frame body either way, in bytes.
@@ -157,7 +157,7 @@ impl LimitsSection {
 }
 
 /// `[security]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecuritySection {
     /// Allow `exec` and `exec_*` at all.
@@ -362,6 +362,27 @@ mod tests {
         assert_eq!(c.limits.max_frame_bytes, 16 * 1024 * 1024);
         assert_eq!(c.limits.max_chunk_bytes(), 8 * 1024 * 1024);
         assert_eq!(c.agent.transports, ["virtio-serial"]);
+    }
+
+    /// The default configuration file shipped in packages (`config.toml`
+    /// beside this crate's manifest) sets every key, to its default.
+    #[test]
+    fn shipped_config_file_documents_every_key_with_its_default() {
+        let text = include_str!("../config.toml");
+        let shipped: toml::Table = toml::from_str(text).unwrap();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        assert_eq!(shipped, defaults);
+        assert_eq!(parse(text).unwrap(), Config::default());
+        // Every key has a comment right above it.
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.contains(" = ") && !line.starts_with('#') {
+                assert!(
+                    i > 0 && lines[i - 1].starts_with('#'),
+                    "key without a comment: {line}"
+                );
+            }
+        }
     }
 
     #[test]
