@@ -21,6 +21,14 @@
 //!   `json response` block, or ```` ```text noreply ```` when none is sent.
 //!
 //! Any other `json` or `hex` block is an error, so nothing escapes checking.
+//!
+//! Reading the document (blocks, tags, hex dumps) is in `spec_doc`, shared
+//! with crates/agent/tests/spec_replies.rs, which replays the same examples
+//! against the real agent. Requests are decoded with [`Call::decode`], the
+//! agent's own decoder, so the -32601 and -32602 replies shown are exactly
+//! the agent's.
+
+mod spec_doc;
 
 use std::collections::BTreeMap;
 
@@ -31,144 +39,15 @@ use kvm_agent_protocol::notifications::{AgentReady, AGENT_READY};
 use kvm_agent_protocol::{ErrorCode, ErrorObject, PROTOCOL_VERSION};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use spec_doc::{blocks, kind, read_doc, section, Block, Kind};
 
 /// Default `limits.max_batch_len`, as the specification states it.
 const DEFAULT_MAX_BATCH_LEN: usize = 256;
 
-/// `data.reason` of the -32602 reply to params given by position.
-const POSITIONAL_PARAMS_REASON: &str = "params must be given by name, as an object";
-
 /// Fewest checked examples the document may hold.
 const MIN_CHECKED_EXAMPLES: usize = 80;
-
-fn read_doc() -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/protocol.md");
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-// ---------------------------------------------------------------------------
-// Extracting blocks
-
-/// One fenced block of the document.
-#[derive(Debug)]
-struct Block {
-    /// 1-based line of the opening fence.
-    line: usize,
-    /// The language, first word of the info string.
-    lang: String,
-    /// The rest of the info string.
-    tags: Vec<String>,
-    /// The content, without the final newline.
-    body: String,
-}
-
-fn blocks(doc: &str) -> Vec<Block> {
-    let mut out = Vec::new();
-    let mut open: Option<(usize, Vec<String>, Vec<&str>)> = None;
-    for (i, line) in doc.lines().enumerate() {
-        match &mut open {
-            None => {
-                if let Some(info) = line.strip_prefix("```") {
-                    let words = info.split_whitespace().map(str::to_owned).collect();
-                    open = Some((i + 1, words, Vec::new()));
-                }
-            }
-            Some((_, _, body)) if line.trim_end() != "```" => body.push(line),
-            Some(_) => {
-                let (line, mut words, body) = open.take().expect("open block");
-                let lang = if words.is_empty() {
-                    String::new()
-                } else {
-                    words.remove(0)
-                };
-                out.push(Block {
-                    line,
-                    lang,
-                    tags: words,
-                    body: body.join("\n"),
-                });
-            }
-        }
-    }
-    assert!(open.is_none(), "unclosed fenced block");
-    out
-}
-
-/// What a block is, from its info string.
-#[derive(Debug)]
-enum Kind {
-    Request,
-    Response(Vec<String>),
-    Error,
-    Notification,
-    HexFrame(Vec<u8>),
-    Malformed(Vec<u8>),
-    MalformedFrame(Vec<u8>),
-    Oversize(Vec<u8>),
-    NoReply,
-    /// Not an example (shell commands, configuration, diagrams).
-    Unchecked,
-}
-
-fn kind(b: &Block) -> Result<Kind, String> {
-    let tags: Vec<&str> = b.tags.iter().map(String::as_str).collect();
-    Ok(match (b.lang.as_str(), tags.as_slice()) {
-        ("json", ["request"]) => Kind::Request,
-        ("json", ["response", methods @ ..]) if !methods.is_empty() => {
-            Kind::Response(methods.iter().map(|m| (*m).to_owned()).collect())
-        }
-        ("json", ["error"]) => Kind::Error,
-        ("json", ["notification"]) => Kind::Notification,
-        ("json", _) => return Err(format!("json block with unknown tags {tags:?}")),
-        ("hex", ["frame"]) => Kind::HexFrame(hex_bytes(&b.body)?),
-        ("hex", ["malformed"]) => Kind::MalformedFrame(hex_bytes(&b.body)?),
-        ("hex", ["oversize"]) => Kind::Oversize(hex_bytes(&b.body)?),
-        ("hex", _) => return Err(format!("hex block with unknown tags {tags:?}")),
-        ("text", ["malformed"]) => Kind::Malformed(b.body.clone().into_bytes()),
-        ("text", ["noreply"]) => Kind::NoReply,
-        (_, [t, ..]) if ["request", "response", "error", "malformed"].contains(t) => {
-            return Err(format!("example tag {t:?} on a {:?} block", b.lang))
-        }
-        _ => Kind::Unchecked,
-    })
-}
-
-/// Decode a dump: each line is an offset, up to 16 hex bytes and, between
-/// bars, the same bytes as ASCII with `.` for the unprintable ones.
-fn hex_bytes(dump: &str) -> Result<Vec<u8>, String> {
-    let mut bytes = Vec::new();
-    for line in dump.lines().filter(|l| !l.trim().is_empty()) {
-        let (hex, ascii) = line
-            .split_once('|')
-            .ok_or_else(|| format!("no ASCII column in {line:?}"))?;
-        let mut words = hex.split_whitespace();
-        let offset = words.next().ok_or("empty dump line")?;
-        let offset = usize::from_str_radix(offset.trim_end_matches(':'), 16)
-            .map_err(|e| format!("offset {offset:?}: {e}"))?;
-        if offset != bytes.len() {
-            return Err(format!("offset {offset:#x}, expected {:#x}", bytes.len()));
-        }
-        let start = bytes.len();
-        for w in words {
-            bytes.push(u8::from_str_radix(w, 16).map_err(|e| format!("byte {w:?}: {e}"))?);
-        }
-        let shown: String = bytes[start..]
-            .iter()
-            .map(|&b| {
-                if b.is_ascii_graphic() || b == b' ' {
-                    b as char
-                } else {
-                    '.'
-                }
-            })
-            .collect();
-        if ascii.trim_end().trim_end_matches('|') != shown {
-            return Err(format!("ASCII column {ascii:?} does not show {shown:?}"));
-        }
-    }
-    Ok(bytes)
-}
 
 // ---------------------------------------------------------------------------
 // Typed checks, one generic function per direction, picked by method name
@@ -201,15 +80,14 @@ fn with_method<V: MethodVisitor>(m: MethodName, v: V) -> V::Out {
     }
 }
 
-/// Decode params strictly into the method's params type, and encode them
-/// back.
-struct DecodeParams<'a>(&'a Value);
+/// Decode params with the agent's own decoder ([`decode_params`]) and encode
+/// them back.
+struct DecodeParams<'a>(Option<&'a RawValue>);
 
 impl MethodVisitor for DecodeParams<'_> {
-    type Out = Result<Value, String>;
+    type Out = Result<Value, CallError>;
     fn visit<M: Method>(self) -> Self::Out {
-        let typed: M::Params = serde_json::from_value(self.0.clone()).map_err(|e| e.to_string())?;
-        Ok(to_value(&typed))
+        decode_params::<M>(self.0).map(|typed| to_value(&typed))
     }
 }
 
@@ -241,41 +119,28 @@ fn to_value<T: Serialize>(v: &T) -> Value {
 // ---------------------------------------------------------------------------
 // Host-to-agent frames
 
-/// The params a request carries, as a value: absent and `[]` mean `{}`; any
-/// other array is positional, which the protocol does not accept.
-fn params_value(req: &Request) -> Result<Value, ErrorObject> {
-    let v: Value = match &req.params {
-        None => return Ok(json!({})),
-        Some(raw) => serde_json::from_str(raw.get()).expect("parse_frame checked the JSON"),
-    };
-    match v {
-        Value::Array(a) if a.is_empty() => Ok(json!({})),
-        Value::Array(_) => Err(ErrorObject::new(ErrorCode::InvalidParams)
-            .data(json!({ "reason": POSITIONAL_PARAMS_REASON }))),
-        v => Ok(v),
-    }
-}
-
-/// A request that passed the dispatcher's checks.
+/// A request that passed the dispatcher's decoding.
 struct Dispatched {
     method: MethodName,
-    /// The params as sent (`{}` when absent or `[]`).
+    /// The params as sent (`null` when absent).
     params: Value,
     /// The params decoded into their type and encoded again.
     reencoded: Value,
 }
 
-/// What the dispatcher answers to a well-formed request before any handler
-/// runs: -32601 for a method not in the table, -32602 for params that do not
-/// decode. `Ok` when the request reaches its handler.
+/// What the dispatcher answers to a well-formed request before the policy
+/// and any handler: [`Call::decode`], the agent's own decoder, gives -32601
+/// for a method not in the table and -32602 for params that do not decode.
+/// `Ok` when the request gets past decoding.
 fn dispatch_check(req: &Request) -> Result<Dispatched, ErrorObject> {
-    let method = MethodName::from_name(&req.method).ok_or_else(|| {
-        ErrorObject::new(ErrorCode::MethodNotFound).data(json!({ "method": req.method }))
-    })?;
-    let params = params_value(req)?;
-    let reencoded = with_method(method, DecodeParams(&params)).map_err(|reason| {
-        ErrorObject::new(ErrorCode::InvalidParams).data(json!({ "reason": reason }))
-    })?;
+    let raw = req.params.as_deref();
+    let call = Call::decode(&req.method, raw).map_err(|e| ErrorObject::from(&e))?;
+    let method = call.method();
+    let reencoded = with_method(method, DecodeParams(raw))
+        .unwrap_or_else(|e| panic!("Call::decode accepted what decode_params refuses: {e}"));
+    let params = raw.map_or(Value::Null, |p| {
+        serde_json::from_str(p.get()).expect("parse_frame checked the JSON")
+    });
     Ok(Dispatched {
         method,
         params,
@@ -283,9 +148,11 @@ fn dispatch_check(req: &Request) -> Result<Dispatched, ErrorObject> {
     })
 }
 
-/// A `json request` block: every request must reach its handler, and its
-/// params must survive decoding: every member shown comes back unchanged
-/// (members left out come back with their defaults).
+/// A `json request` block: every request must get past decoding (whether
+/// the policy allows it and a handler exists is the agent's business, which
+/// crates/agent/tests/spec_replies.rs checks), and its params must survive
+/// decoding: every member shown comes back unchanged (members left out come
+/// back with their defaults).
 fn check_request(body: &[u8]) -> Result<Vec<MethodName>, String> {
     let requests = match jsonrpc::parse_frame(body, DEFAULT_MAX_BATCH_LEN) {
         Incoming::Single(r) => vec![r],
@@ -312,7 +179,9 @@ fn check_request(body: &[u8]) -> Result<Vec<MethodName>, String> {
 /// One reply the agent owes for a frame.
 #[derive(Debug)]
 enum Owed {
-    /// An error known in advance. `exact`: the message is the crate's too.
+    /// An error known in advance. `exact`: this crate builds the message too
+    /// (for all but the oversized frame, whose message the agent's
+    /// connection builds).
     Error {
         id: Id,
         error: ErrorObject,
@@ -336,7 +205,7 @@ fn owed_replies(body: &[u8]) -> (Vec<Owed>, bool) {
                 Err(error) => Owed::Error {
                     id,
                     error,
-                    exact: false,
+                    exact: true,
                 },
                 Ok(_) => Owed::Answer { id },
             })
@@ -649,27 +518,6 @@ impl Tally {
     }
 }
 
-/// The text under `heading` (a whole heading line), up to the next heading
-/// of the same or a higher level.
-fn section<'a>(doc: &'a str, heading: &str) -> &'a str {
-    let level = heading.len() - heading.trim_start_matches('#').len();
-    let start = doc
-        .find(&format!("\n{heading}\n"))
-        .unwrap_or_else(|| panic!("no heading {heading:?}"))
-        + heading.len()
-        + 2;
-    let body = &doc[start..];
-    let mut end = 0;
-    for line in body.split_inclusive('\n') {
-        let hashes = line.len() - line.trim_start_matches('#').len();
-        if (1..=level).contains(&hashes) && line[hashes..].starts_with(' ') {
-            break;
-        }
-        end += line.len();
-    }
-    &body[..end]
-}
-
 /// The error table, row by row: `| code | name | message | ... |`.
 #[test]
 fn error_table_matches_the_codes() {
@@ -713,4 +561,24 @@ fn every_method_has_a_section_with_a_status() {
             "{heading} has no status line"
         );
     }
+}
+
+/// §4.2 states the reason the shared decoder gives for params by position.
+#[test]
+fn positional_params_reason_is_the_decoders() {
+    let doc = read_doc();
+    let text = section(&doc, "### 4.2 Params");
+    assert!(
+        text.contains(&format!("`{POSITIONAL_PARAMS_REASON}`")),
+        "§4.2 does not state the reason {POSITIONAL_PARAMS_REASON:?}"
+    );
+    let raw = RawValue::from_string("[true]".to_owned()).unwrap();
+    let e = decode_params::<GetInfoMethod>(Some(&raw)).unwrap_err();
+    assert_eq!(
+        e,
+        CallError::InvalidParams {
+            method: MethodName::GetInfo,
+            reason: POSITIONAL_PARAMS_REASON.to_owned()
+        }
+    );
 }
