@@ -1,9 +1,7 @@
 //! Running commands: print each one as `$ program args`, then run it.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::thread;
 
 use crate::Result;
 
@@ -86,66 +84,44 @@ pub fn output(cmd: &mut Command) -> Result<(ExitStatus, String)> {
     ))
 }
 
-/// Which stream a line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stream {
-    Stdout,
-    Stderr,
-}
-
-/// Print and run, passing every line of its output through to ours (in the
-/// order the lines arrive) and to `on_line`.
-pub fn run_streaming(cmd: &mut Command, mut on_line: impl FnMut(Stream, &str)) -> Result {
+/// Print and run with its stdout and stderr joined in one pipe, so that lines
+/// keep the order they were written in (cargo's `Running ...` on stderr, then
+/// the test binary's results on stdout). Every line goes to our stdout and to
+/// `on_line`.
+pub fn run_streaming(cmd: &mut Command, mut on_line: impl FnMut(&str)) -> Result {
     announce(cmd);
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run `{}`: {e}", display(cmd)))?;
-    let (tx, rx) = mpsc::channel();
-    let readers = [
-        forward(child.stdout.take(), Stream::Stdout, tx.clone()),
-        forward(child.stderr.take(), Stream::Stderr, tx),
-    ];
-    for (stream, line) in rx {
-        match stream {
-            Stream::Stdout => println!("{line}"),
-            Stream::Stderr => eprintln!("{line}"),
+    let (reader, writer) = std::io::pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
+    let writer2 = writer
+        .try_clone()
+        .map_err(|e| format!("cannot duplicate a pipe: {e}"))?;
+    let spawned = cmd.stdout(writer).stderr(writer2).spawn();
+    // Drop the command's copies of the write end, or the read below never ends.
+    cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+    let mut child = spawned.map_err(|e| format!("cannot run `{}`: {e}", display(cmd)))?;
+    let mut reader = BufReader::new(reader);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) => break,
+            Ok(_) => {
+                let line = String::from_utf8_lossy(&buf);
+                let line = line.trim_end_matches(['\n', '\r']);
+                println!("{line}");
+                on_line(line);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("cannot read the output of `{}`: {e}", display(cmd)));
+            }
         }
-        on_line(stream, &line);
-    }
-    for reader in readers {
-        let _ = reader.join();
     }
     let status = child
         .wait()
         .map_err(|e| format!("cannot wait for `{}`: {e}", display(cmd)))?;
     check(cmd, status)
-}
-
-fn forward(
-    pipe: Option<impl Read + Send + 'static>,
-    stream: Stream,
-    tx: mpsc::Sender<(Stream, String)>,
-) -> thread::JoinHandle<()> {
-    thread::spawn(move || {
-        let Some(pipe) = pipe else { return };
-        let mut reader = BufReader::new(pipe);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf);
-                    let line = line.trim_end_matches(['\n', '\r']).to_string();
-                    if tx.send((stream, line)).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    })
 }
 
 #[cfg(test)]
@@ -163,19 +139,12 @@ mod tests {
     }
 
     #[test]
-    fn streaming_passes_lines_and_reports_failure() {
+    fn streaming_keeps_the_order_of_both_streams_and_reports_failure() {
         let mut seen = Vec::new();
         let mut cmd = Command::new("sh");
-        cmd.args(["-c", "echo out; echo err >&2; exit 3"]);
-        let result = run_streaming(&mut cmd, |s, l| seen.push((s, l.to_string())));
+        cmd.args(["-c", "echo one; echo two >&2; echo three; exit 3"]);
+        let result = run_streaming(&mut cmd, |l| seen.push(l.to_string()));
         assert!(result.unwrap_err().contains("failed"));
-        seen.sort_by_key(|(s, _)| *s == Stream::Stderr);
-        assert_eq!(
-            seen,
-            vec![
-                (Stream::Stdout, "out".to_string()),
-                (Stream::Stderr, "err".to_string())
-            ]
-        );
+        assert_eq!(seen, ["one", "two", "three"]);
     }
 }

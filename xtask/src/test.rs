@@ -8,7 +8,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::cmd::{self, Stream};
+use crate::cmd;
 use crate::ensure::{self, Need};
 use crate::Result;
 
@@ -82,19 +82,14 @@ fn cargo_test(report: &mut Report) -> Result {
 pub fn run_cargo_test(test: &mut Command, report: &mut Report) -> Result {
     let before = report.suites.len();
     let mut label = String::from("tests");
-    let result = cmd::run_streaming(test, |stream, line| match stream {
-        Stream::Stderr => {
-            if let Some(l) = suite_label(line) {
-                label = l;
-            }
-        }
-        Stream::Stdout => {
-            if let Some(counts) = parse_test_result(line) {
-                report.suites.push(Suite {
-                    label: label.clone(),
-                    counts,
-                });
-            }
+    let result = cmd::run_streaming(test, |line| {
+        if let Some(l) = suite_label(line) {
+            label = l;
+        } else if let Some(counts) = parse_test_result(line) {
+            report.suites.push(Suite {
+                label: label.clone(),
+                counts,
+            });
         }
     });
     result?;
@@ -141,7 +136,11 @@ impl Report {
 
 /// `Running unittests src/lib.rs (target/debug/deps/foo-0123)` becomes
 /// `unittests src/lib.rs (foo)`; `Doc-tests foo` becomes `doc-tests foo`.
+/// Only lines indented as cargo indents its status lines count.
 fn suite_label(line: &str) -> Option<String> {
+    if !line.starts_with(' ') {
+        return None;
+    }
     let line = line.trim();
     if let Some(name) = line.strip_prefix("Doc-tests ") {
         return Some(format!("doc-tests {}", name.trim()));
@@ -330,6 +329,10 @@ mod tests {
             Some("doc-tests kvm_agent_protocol")
         );
         assert_eq!(suite_label("   Compiling xtask v0.0.0"), None);
+        assert_eq!(
+            suite_label("Running tests/x.rs (a test's own output)"),
+            None
+        );
     }
 
     #[test]
