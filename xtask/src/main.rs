@@ -8,6 +8,7 @@ mod cmd;
 mod demo;
 mod ensure;
 mod test;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -26,6 +27,10 @@ Commands:
                        checks what the steps need first
       --list           List the test steps and exit
       --fail-fast      Stop at the first failed step (default: run them all)
+  vm-test [--env] [FILTER...] [-- ARGS...]
+                       Build the guest images (static agent, Debian kernel,
+                       busybox initramfs; cached) and run the VM tests of
+                       crates/vmtest under QEMU (TCG)
   help                 Show this help
 ";
 
@@ -38,6 +43,7 @@ fn main() -> ExitCode {
         }
         Some("test") => test::run(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
+        Some("vm-test") => vm::run(&args[1..]),
         Some(other) => Err(format!(
             "unknown command `{other}` (run `cargo xtask help`)"
         )),

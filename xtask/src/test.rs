@@ -54,6 +54,13 @@ pub const STEPS: &[Step] = &[
         needs: &[],
         run: cargo_test,
     },
+    Step {
+        name: "vm",
+        about:
+            "VM tests: the agent's virtio-serial and vsock transports in real guests (QEMU, TCG)",
+        needs: &[],
+        run: crate::vm::step,
+    },
 ];
 
 fn fmt(_: &mut Report) -> Result {
@@ -73,7 +80,14 @@ fn clippy(_: &mut Report) -> Result {
 
 fn cargo_test(report: &mut Report) -> Result {
     let mut test = cmd::cargo();
-    test.args(["test", "--workspace", "--no-fail-fast"]);
+    // The VM tests need their images: they run in the `vm` step.
+    test.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        crate::vm::HARNESS,
+        "--no-fail-fast",
+    ]);
     run_cargo_test(&mut test, report)
 }
 

@@ -1,0 +1,76 @@
+#!/bin/busybox sh
+# /init of the VM test guest (busybox initramfs built by `cargo xtask vm-test`).
+#
+# Kernel command line parameters (one image serves every test):
+#   kva.agent=T1,T2  the agent's transports, one --transport each
+#                    (default: virtio-serial)
+#   kva.late=M1,M2   modules loaded after the agent started, so that their
+#                    devices appear while it runs (default: virtio_console)
+#   kva.late_after=N seconds between starting the agent and loading them (default: 1)
+#   kva.log=LEVEL    the agent's log level (default: info)
+#
+# Console protocol (ttyS0), read by the harness in crates/vmtest:
+#   KVA-INIT <text>          progress of this script
+#   KVA-AGENT-PID <pid>      the agent was started
+#   KVA-LATE-LOADED <mods>   the late modules were loaded
+#   KVA-CPU <ticks>          every second: utime+stime of the agent, in clock ticks
+#   KVA-AGENT-EXITED <code>  the agent is gone
+# The agent's own log (stderr) goes to the console too.
+
+/bin/busybox mkdir -p /proc /sys /dev /tmp /run /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+
+say() { echo "KVA-$*"; }
+
+agent=virtio-serial
+late=virtio_console
+late_after=1
+level=info
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        kva.agent=*) agent="${arg#kva.agent=}" ;;
+        kva.late=*) late="${arg#kva.late=}" ;;
+        kva.late_after=*) late_after="${arg#kva.late_after=}" ;;
+        kva.log=*) level="${arg#kva.log=}" ;;
+    esac
+done
+say "INIT agent=$agent late=$late late_after=$late_after log=$level"
+
+is_late() { case ",$late," in *",$1,"*) return 0 ;; esac; return 1; }
+load() { insmod "/lib/modules/$1.ko" || say "INIT insmod $1 failed"; }
+
+for m in $(cat /etc/kva-modules); do
+    is_late "$m" || load "$m"
+done
+say "INIT early modules loaded"
+
+set --
+for t in $(echo "$agent" | tr ',' ' '); do
+    set -- "$@" --transport "$t"
+done
+/sbin/kvm-manager-agent "$@" --log-level "$level" </dev/null &
+pid=$!
+say "AGENT-PID $pid"
+
+n=0
+while true; do
+    if [ "$n" -eq "$late_after" ]; then
+        loaded=""
+        for m in $(cat /etc/kva-modules); do
+            if is_late "$m"; then load "$m"; loaded="$loaded $m"; fi
+        done
+        say "LATE-LOADED${loaded:- (none)}"
+    fi
+    state=$(awk '{ if ($3 == "Z") print "Z"; else print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null)
+    if [ -z "$state" ] || [ "$state" = Z ]; then
+        wait "$pid"
+        say "AGENT-EXITED $?"
+        while true; do sleep 3600; done
+    fi
+    say "CPU $state"
+    sleep 1
+    n=$((n + 1))
+done
