@@ -67,6 +67,9 @@ pub struct Config {
     /// `[security]`: what the host may do.
     #[serde(default)]
     pub security: SecuritySection,
+    /// `[info]`: what `get_info` and `get_metrics` report.
+    #[serde(default)]
+    pub info: InfoSection,
 }
 
 /// `[agent]`
@@ -197,6 +200,88 @@ fn default_allowed_file_paths() -> Vec<PathBuf> {
     vec![PathBuf::from("/tmp"), PathBuf::from("/var/tmp")]
 }
 
+/// `[info]`
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InfoSection {
+    /// Interface name patterns (`*` any run, `?` any one character) left out
+    /// of `get_info` and `get_metrics` unless the host asks for all.
+    #[serde(default = "default_hide_interfaces")]
+    pub hide_interfaces: Vec<String>,
+    /// How long `get_metrics` waits for the filesystems' statvfs answers.
+    #[serde(default = "default_network_filesystem_timeout_ms")]
+    pub network_filesystem_timeout_ms: u64,
+}
+
+impl Default for InfoSection {
+    fn default() -> Self {
+        Self {
+            hide_interfaces: default_hide_interfaces(),
+            network_filesystem_timeout_ms: default_network_filesystem_timeout_ms(),
+        }
+    }
+}
+
+/// Container, Kubernetes and nested-virtualisation plumbing.
+fn default_hide_interfaces() -> Vec<String> {
+    [
+        "veth*",
+        "docker*",
+        "br-*",
+        "cni*",
+        "flannel*",
+        "cali*",
+        "vxlan.calico",
+        "tunl0",
+        "cilium_*",
+        "lxc*",
+        "weave",
+        "kube-ipvs0",
+        "kube-bridge",
+        "podman*",
+        "virbr*",
+        "vnet*",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+fn default_network_filesystem_timeout_ms() -> u64 {
+    2000
+}
+
+/// Whether `name` matches a `hide_interfaces` pattern: `*` matches any run
+/// of characters (also none), `?` exactly one; everything else itself.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+impl InfoSection {
+    /// Whether the interface filter hides `name`.
+    pub fn hides_interface(&self, name: &str) -> bool {
+        self.hide_interfaces.iter().any(|p| glob_match(p, name))
+    }
+}
+
 impl Config {
     /// Parse and validate configuration text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
@@ -297,6 +382,21 @@ impl Config {
                     format!("{m:?} is not a method of this protocol"),
                 ));
             }
+        }
+        for (i, p) in self.info.hide_interfaces.iter().enumerate() {
+            if p.is_empty() || p.len() > 64 || p.chars().any(|c| c.is_whitespace() || c == '/') {
+                return Err(invalid(
+                    &format!("info.hide_interfaces[{i}]"),
+                    format!("{p:?} is not an interface name pattern (1-64 characters, no spaces or '/')"),
+                ));
+            }
+        }
+        let t = self.info.network_filesystem_timeout_ms;
+        if !(1..=60_000).contains(&t) {
+            return Err(invalid(
+                "info.network_filesystem_timeout_ms",
+                format!("must be between 1 and 60000 (got {t})"),
+            ));
         }
         for (i, p) in self.security.allowed_file_paths.iter().enumerate() {
             if !p.is_absolute() {
@@ -426,6 +526,53 @@ mod tests {
         assert!(e.to_string().contains("disabled_methods[1]"), "{e}");
         let e = parse("[security]\nallowed_file_paths = [\"tmp\"]\n").unwrap_err();
         assert!(e.to_string().contains("allowed_file_paths[0]"), "{e}");
+    }
+
+    #[test]
+    fn interface_patterns() {
+        assert!(glob_match("veth*", "veth12ab"));
+        assert!(glob_match("veth*", "veth"));
+        assert!(!glob_match("veth*", "eth0"));
+        assert!(glob_match("br-*", "br-1f2e"));
+        assert!(!glob_match("br-*", "br0"));
+        assert!(glob_match("eth?", "eth0"));
+        assert!(!glob_match("eth?", "eth10"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a*b*c", "aXXbYYbc"));
+        assert!(!glob_match("a*b*c", "aXXbYYb"));
+        assert!(glob_match("tunl0", "tunl0"));
+        let info = InfoSection::default();
+        for hidden in [
+            "veth0a1b",
+            "docker0",
+            "cni0",
+            "flannel.1",
+            "cali123",
+            "virbr0",
+            "vnet3",
+        ] {
+            assert!(info.hides_interface(hidden), "{hidden}");
+        }
+        for shown in [
+            "lo", "eth0", "enp1s0", "ens3", "wg0", "tun0", "br0", "bond0",
+        ] {
+            assert!(!info.hides_interface(shown), "{shown}");
+        }
+    }
+
+    #[test]
+    fn info_section_is_validated() {
+        let c = parse("[info]\nhide_interfaces = []\n").unwrap();
+        assert!(!c.info.hides_interface("veth0"));
+        let e = parse("[info]\nhide_interfaces = [\"ok*\", \"\"]\n").unwrap_err();
+        assert!(e.to_string().contains("info.hide_interfaces[1]"), "{e}");
+        let e = parse("[info]\nhide_interfaces = [\"a b\"]\n").unwrap_err();
+        assert!(e.to_string().contains("info.hide_interfaces[0]"), "{e}");
+        let e = parse("[info]\nnetwork_filesystem_timeout_ms = 0\n").unwrap_err();
+        assert!(
+            e.to_string().contains("info.network_filesystem_timeout_ms"),
+            "{e}"
+        );
     }
 
     #[cfg(unix)]

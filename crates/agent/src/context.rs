@@ -8,6 +8,7 @@ use kvm_agent_protocol::methods::core::Limits;
 use tokio::sync::Semaphore;
 
 use crate::config::Config;
+use crate::handlers::metrics::MetricsState;
 use crate::platform;
 use crate::policy::Policy;
 use crate::shutdown::Shutdown;
@@ -27,6 +28,8 @@ pub struct Context {
     pub shutdown: Shutdown,
     /// Counters reported at exit.
     pub stats: Stats,
+    /// The previous `get_metrics` sample, agent-wide.
+    pub metrics: MetricsState,
 }
 
 /// Counters reported when the agent stops.
@@ -48,6 +51,7 @@ impl Context {
             config,
             shutdown,
             stats: Stats::default(),
+            metrics: MetricsState::with_baseline(),
         })
     }
 

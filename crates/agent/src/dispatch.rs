@@ -18,6 +18,15 @@ pub enum DispatchError {
     /// The policy refuses the request.
     #[error(transparent)]
     Denied(#[from] PolicyError),
+    /// `get_info` failed.
+    #[error(transparent)]
+    Info(#[from] handlers::info::InfoError),
+    /// `get_metrics` failed.
+    #[error(transparent)]
+    Metrics(#[from] handlers::metrics::MetricsError),
+    /// `get_users` failed.
+    #[error(transparent)]
+    Users(#[from] handlers::users::UsersError),
     /// Part of the protocol, but this agent has no handler for it yet.
     #[error("{0} is not implemented by this agent yet")]
     NotImplemented(MethodName),
@@ -37,6 +46,9 @@ impl From<&DispatchError> for ErrorObject {
         match e {
             DispatchError::Call(c) => c.into(),
             DispatchError::Denied(p) => p.into(),
+            DispatchError::Info(e) => e.into(),
+            DispatchError::Metrics(e) => e.into(),
+            DispatchError::Users(e) => e.into(),
             DispatchError::NotImplemented(m) => {
                 ErrorObject::new(ErrorCode::NotImplemented).data(json!({ "method": m.as_str() }))
             }
@@ -79,7 +91,14 @@ pub fn prepare(
 /// `not_implemented`). Must agree with the `match` in [`execute`]; a test
 /// checks it.
 pub fn is_implemented(method: MethodName) -> bool {
-    matches!(method, MethodName::Ping | MethodName::GetCapabilities)
+    matches!(
+        method,
+        MethodName::Ping
+            | MethodName::GetCapabilities
+            | MethodName::GetInfo
+            | MethodName::GetMetrics
+            | MethodName::GetUsers
+    )
 }
 
 /// Run a prepared call to its result.
@@ -89,10 +108,12 @@ pub async fn execute(ctx: &Context, call: Call) -> Result<Box<RawValue>, Dispatc
         Call::GetCapabilities(p) => {
             encode::<methods::GetCapabilitiesMethod>(handlers::capabilities::get(ctx, p))
         }
-        Call::GetInfo(_)
-        | Call::GetMetrics(_)
-        | Call::GetUsers(_)
-        | Call::Shutdown(_)
+        Call::GetInfo(p) => encode::<methods::GetInfoMethod>(handlers::info::get(ctx, p).await?),
+        Call::GetMetrics(p) => {
+            encode::<methods::GetMetricsMethod>(handlers::metrics::get(ctx, p).await?)
+        }
+        Call::GetUsers(p) => encode::<methods::GetUsersMethod>(handlers::users::get(ctx, p).await?),
+        Call::Shutdown(_)
         | Call::Reboot(_)
         | Call::Exec(_)
         | Call::ExecStart(_)
@@ -135,6 +156,7 @@ mod tests {
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .unwrap()
             .block_on(f)
@@ -201,9 +223,11 @@ mod tests {
                 .await
                 .unwrap_err();
             assert_eq!(e.kind(), Some(ErrorCode::Denied), "exec is off by default");
-            let e = run(&ctx, "get_metrics", Some("{}")).await.unwrap_err();
+            let e = run(&ctx, "copy_from_guest", Some(r#"{"path":"/tmp/x"}"#))
+                .await
+                .unwrap_err();
             assert_eq!(e.kind(), Some(ErrorCode::NotImplemented));
-            assert_eq!(e.data.unwrap()["method"], "get_metrics");
+            assert_eq!(e.data.unwrap()["method"], "copy_from_guest");
         });
     }
 
@@ -215,7 +239,13 @@ mod tests {
                 serde_json::from_str(&run(&ctx, "get_capabilities", None).await.unwrap()).unwrap();
             assert_eq!(
                 caps["methods"],
-                serde_json::json!(["ping", "get_capabilities"])
+                serde_json::json!([
+                    "ping",
+                    "get_capabilities",
+                    "get_info",
+                    "get_metrics",
+                    "get_users"
+                ])
             );
             assert_eq!(caps["limits"]["max_frame_bytes"], 16 * 1024 * 1024);
             assert_eq!(

@@ -43,17 +43,29 @@ fn client_talks_to_the_agent() {
             caps.methods,
             [
                 MethodName::Ping.as_str(),
-                MethodName::GetCapabilities.as_str()
+                MethodName::GetCapabilities.as_str(),
+                MethodName::GetInfo.as_str(),
+                MethodName::GetMetrics.as_str(),
+                MethodName::GetUsers.as_str(),
             ]
         );
         assert_eq!(caps.limits.max_frame_bytes, 16 << 20);
         assert_eq!(caps.limits.max_chunk_bytes, 8 << 20);
         assert!(!caps.auth_required);
 
-        let err = client
+        let info = client
             .get_info(&GetInfoParams::default())
             .await
-            .expect_err("get_info has no handler yet");
+            .expect("get_info");
+        assert_eq!(info.os.family, OsFamily::Linux);
+        assert_eq!(info.boot_id, ready.boot_id);
+        let err = client
+            .call_raw(
+                "copy_from_guest",
+                Some(serde_json::json!({"path": "/tmp/x"})),
+            )
+            .await
+            .expect_err("copy_from_guest has no handler yet");
         assert_eq!(err.error_code(), Some(ErrorCode::NotImplemented));
     });
 }

@@ -279,7 +279,7 @@ fn requests_beyond_the_per_connection_limit_are_busy() {
         r#"[{"jsonrpc":"2.0","id":1,"method":"get_info"},{"jsonrpc":"2.0","id":2,"method":"get_info"}]"#,
     );
     let items = reply.as_array().expect("an array");
-    assert_eq!(error_code(&items[0]), -32010);
+    assert!(items[0]["result"].is_object(), "{}", items[0]);
     assert_eq!(error_code(&items[1]), -32009);
     assert_eq!(
         items[1]["error"]["data"],
@@ -287,7 +287,7 @@ fn requests_beyond_the_per_connection_limit_are_busy() {
     );
     // The slot is back once the first request finished.
     let reply = c.call(r#"{"jsonrpc":"2.0","id":3,"method":"get_info"}"#);
-    assert_eq!(error_code(&reply), -32010);
+    assert!(reply["result"].is_object(), "{reply}");
     c.assert_ping_is_next();
 }
 

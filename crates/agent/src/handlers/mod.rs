@@ -5,9 +5,15 @@
 //! |-----------------------------------------|---------------------|
 //! | `ping`                                  | [`ping`]            |
 //! | `get_capabilities`                      | [`capabilities`]    |
+//! | `get_info`                              | [`info`]            |
+//! | `get_metrics`                           | [`metrics`]         |
+//! | `get_users`                             | [`users`]           |
 //!
 //! The other methods of the protocol have no handler yet; the dispatcher
 //! answers them with `not_implemented`.
 
 pub mod capabilities;
+pub mod info;
+pub mod metrics;
 pub mod ping;
+pub mod users;

@@ -2,6 +2,7 @@
 
 mod codec;
 mod output;
+mod prometheus;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use kvm_agent_client::protocol::frame::{DEFAULT_MAX_FRAME_BYTES, MIN_MAX_FRAME_B
 use kvm_agent_client::protocol::methods::core::NoParams;
 use kvm_agent_client::protocol::methods::exec::{Encoding, ExecParams, Output};
 use kvm_agent_client::protocol::methods::files::{CopyFromGuestParams, CopyToGuestParams};
-use kvm_agent_client::protocol::methods::info::{GetInfoParams, GetMetricsParams};
+use kvm_agent_client::protocol::methods::info::{GetInfoParams, GetMetricsParams, Metrics};
 use kvm_agent_client::protocol::methods::power::{PowerAction, PowerParams};
 use kvm_agent_client::protocol::methods::{self as m, Method};
 use kvm_agent_client::protocol::ErrorCode;
@@ -121,11 +122,26 @@ enum Command {
     },
     /// Show CPU, memory, disk, network and filesystem figures.
     ///
-    /// Example: kvm-agent-ctl -c vsock:42:1024 metrics
+    /// CPU usage and rates cover the time since the agent's previous sample
+    /// (agent-wide: any host's previous get_metrics, or the agent's start).
+    ///
+    /// Example: kvm-agent-ctl -c vsock:42:1024 metrics --watch 5
+    ///
+    /// Example: kvm-agent-ctl -c vsock:42:1024 metrics --prometheus > /var/lib/node_exporter/vm42.prom
     Metrics {
         /// Also report network filesystems.
         #[arg(long)]
         include_network_filesystems: bool,
+        /// Include interfaces the agent's filter hides (container plumbing).
+        #[arg(long)]
+        all_interfaces: bool,
+        /// Refresh every SECS seconds (default 2) until interrupted: in place
+        /// on a terminal, else as successive blocks.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2", value_parser = parse_secs)]
+        watch: Option<Duration>,
+        /// Print the Prometheus text exposition format.
+        #[arg(long, conflicts_with = "json")]
+        prometheus: bool,
     },
     /// List logged-in users.
     ///
@@ -412,16 +428,23 @@ async fn run(cli: Cli, target: Target) -> Outcome {
         }
         Command::Metrics {
             include_network_filesystems,
+            all_interfaces,
+            watch,
+            prometheus,
         } => {
-            show::<m::GetMetricsMethod>(
-                &client,
-                &GetMetricsParams {
-                    include_network_filesystems,
-                },
-                json,
-                output::metrics,
-            )
-            .await
+            let params = GetMetricsParams {
+                include_network_filesystems,
+                all_interfaces,
+            };
+            let render = if prometheus {
+                prometheus::render
+            } else {
+                output::metrics
+            };
+            match watch {
+                None => show::<m::GetMetricsMethod>(&client, &params, json, render).await,
+                Some(every) => watch_metrics(&client, &params, json, render, every).await,
+            }
         }
         Command::Users => {
             show::<m::GetUsersMethod>(&client, &NoParams {}, json, output::users).await
@@ -462,6 +485,48 @@ async fn show<M: Method>(
         print!("{}", render(&result));
     }
     Ok(EXIT_OK)
+}
+
+/// `metrics --watch`: call get_metrics every `every` until interrupted. On
+/// a terminal each refresh clears the screen and redraws from the top; else
+/// the blocks follow each other, separated by a blank line.
+async fn watch_metrics(
+    client: &Client,
+    params: &GetMetricsParams,
+    json: bool,
+    render: fn(&Metrics) -> String,
+    every: Duration,
+) -> Outcome {
+    use std::io::IsTerminal;
+    let terminal = std::io::stdout().is_terminal();
+    let mut first = true;
+    loop {
+        let text = if json {
+            let params = serde_json::to_value(params)
+                .map_err(|e| Failure::Usage(format!("cannot encode params: {e}")))?;
+            let v = client
+                .call_raw(m::GetMetricsMethod::NAME, Some(params))
+                .await?;
+            format!("{v}\n")
+        } else {
+            render(&client.call::<m::GetMetricsMethod>(params).await?)
+        };
+        let mut stdout = std::io::stdout().lock();
+        let written = if terminal {
+            write!(stdout, "\x1b[H\x1b[2J{text}")
+        } else if first || json {
+            write!(stdout, "{text}")
+        } else {
+            write!(stdout, "\n{text}")
+        };
+        if written.and_then(|()| stdout.flush()).is_err() {
+            // The reader went away (a closed pipe): stop quietly.
+            return Ok(EXIT_OK);
+        }
+        drop(stdout);
+        first = false;
+        tokio::time::sleep(every).await;
+    }
 }
 
 async fn ping(client: &Client, count: u32, json: bool) -> Outcome {

@@ -132,28 +132,49 @@ pub fn info(i: &GuestInfo) -> String {
     out
 }
 
+fn pct(p: Option<f64>) -> String {
+    p.map_or_else(|| "-".to_owned(), |p| format!("{p:.1}%"))
+}
+
+/// A per-second rate in IEC units, `-` when there is none.
+fn per_second(v: Option<f64>) -> String {
+    v.map_or_else(
+        || "-".to_owned(),
+        |v| format!("{}/s", bytes(v.round() as u64)),
+    )
+}
+
 pub fn metrics(m: &Metrics) -> String {
-    let load = m
-        .cpu
-        .load_average
-        .map_or_else(|| "-".to_owned(), |l| format!("{} {} {}", l[0], l[1], l[2]));
+    let load = m.cpu.load_average.map_or_else(
+        || "-".to_owned(),
+        |l| format!("{:.2} {:.2} {:.2}", l[0], l[1], l[2]),
+    );
     let mem = &m.memory;
+    let per_cpu: Vec<String> = m
+        .cpu
+        .per_cpu
+        .iter()
+        .map(|c| format!("{}:{}", c.cpu, pct(c.usage_percent)))
+        .collect();
+    let window = m.interval_ms.map_or_else(
+        || "none (no previous sample)".to_owned(),
+        |ms| format!("{:.1} s since the previous sample", ms as f64 / 1000.0),
+    );
     let mut out = key_values(&[
-        (
-            "cpu_usage",
-            m.cpu
-                .usage_percent
-                .map_or_else(|| "-".to_owned(), |p| format!("{p:.1}%")),
-        ),
+        ("window", window),
+        ("cpu_usage", pct(m.cpu.usage_percent)),
+        ("per_cpu", per_cpu.join(" ")),
         ("load_average", load),
         ("processes", m.cpu.process_count.to_string()),
         (
             "memory",
             format!(
-                "{} used of {} ({} available)",
+                "{} used of {} ({} available, {} free, {} cache)",
                 bytes(mem.used_bytes),
                 bytes(mem.total_bytes),
-                bytes(mem.available_bytes)
+                bytes(mem.available_bytes),
+                bytes(mem.free_bytes),
+                bytes(mem.cache_bytes)
             ),
         ),
         (
@@ -171,17 +192,33 @@ pub fn metrics(m: &Metrics) -> String {
             .disks
             .iter()
             .map(|d| {
+                let r = d.rates.as_ref();
                 vec![
                     d.name.clone(),
                     bytes(d.read_bytes),
                     bytes(d.write_bytes),
                     d.read_ops.to_string(),
                     d.write_ops.to_string(),
+                    per_second(r.map(|r| r.read_bytes_per_second)),
+                    per_second(r.map(|r| r.write_bytes_per_second)),
+                    r.map_or_else(
+                        || "-".into(),
+                        |r| format!("{:.1}", r.read_ops_per_second + r.write_ops_per_second),
+                    ),
                 ]
             })
             .collect();
         out.push_str(&table(
-            &["DISK", "READ", "WRITTEN", "READ_OPS", "WRITE_OPS"],
+            &[
+                "DISK",
+                "READ",
+                "WRITTEN",
+                "READ_OPS",
+                "WRITE_OPS",
+                "READ/S",
+                "WRITE/S",
+                "IOPS",
+            ],
             &rows,
         ));
     }
@@ -191,6 +228,7 @@ pub fn metrics(m: &Metrics) -> String {
             .network
             .iter()
             .map(|n| {
+                let r = n.rates.as_ref();
                 vec![
                     n.name.clone(),
                     bytes(n.rx_bytes),
@@ -199,6 +237,8 @@ pub fn metrics(m: &Metrics) -> String {
                     n.tx_packets.to_string(),
                     (n.rx_errors + n.tx_errors).to_string(),
                     (n.rx_dropped + n.tx_dropped).to_string(),
+                    per_second(r.map(|r| r.rx_bytes_per_second)),
+                    per_second(r.map(|r| r.tx_bytes_per_second)),
                 ]
             })
             .collect();
@@ -211,6 +251,8 @@ pub fn metrics(m: &Metrics) -> String {
                 "TX_PKTS",
                 "ERRORS",
                 "DROPPED",
+                "RX/S",
+                "TX/S",
             ],
             &rows,
         ));
@@ -221,23 +263,29 @@ pub fn metrics(m: &Metrics) -> String {
             .filesystems
             .iter()
             .map(|f| {
-                let pct = if f.total_bytes > 0 {
-                    format!("{:.0}%", f.used_bytes as f64 * 100.0 / f.total_bytes as f64)
-                } else {
-                    "-".to_owned()
+                let share = |used: u64, total: u64| {
+                    if total > 0 {
+                        format!("{:.0}%", used as f64 * 100.0 / total as f64)
+                    } else {
+                        "-".to_owned()
+                    }
                 };
                 vec![
                     f.mount_point.clone(),
                     f.fs_type.clone(),
+                    f.device.clone(),
                     bytes(f.total_bytes),
                     bytes(f.used_bytes),
                     bytes(f.available_bytes),
-                    pct,
+                    share(f.used_bytes, f.total_bytes),
+                    share(f.used_inodes, f.total_inodes),
                 ]
             })
             .collect();
         out.push_str(&table(
-            &["MOUNT", "TYPE", "SIZE", "USED", "AVAIL", "USE%"],
+            &[
+                "MOUNT", "TYPE", "DEVICE", "SIZE", "USED", "AVAIL", "USE%", "INODE%",
+            ],
             &rows,
         ));
     }
@@ -260,7 +308,7 @@ pub fn users(u: &Users) -> String {
             ]
         })
         .collect();
-    table(&["USER", "TERMINAL", "HOST", "LOGIN"], &rows)
+    table(&["USER", "TERMINAL", "HOST", "LOGIN (UTC)"], &rows)
 }
 
 #[cfg(test)]

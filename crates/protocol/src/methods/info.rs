@@ -99,6 +99,9 @@ pub struct GetMetricsParams {
     /// Also report network filesystems (each statted with a deadline).
     #[serde(default)]
     pub include_network_filesystems: bool,
+    /// Include interfaces the configured filter hides, as for `get_info`.
+    #[serde(default)]
+    pub all_interfaces: bool,
 }
 
 /// Result of `get_metrics`.
