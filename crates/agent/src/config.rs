@@ -67,6 +67,9 @@ pub struct Config {
     /// `[security]`: what the host may do.
     #[serde(default)]
     pub security: SecuritySection,
+    /// `[audit]`: where the audit trail goes.
+    #[serde(default)]
+    pub audit: AuditSection,
     /// `[info]`: what `get_info` and `get_metrics` report.
     #[serde(default)]
     pub info: InfoSection,
@@ -198,6 +201,67 @@ fn default_true() -> bool {
 
 fn default_allowed_file_paths() -> Vec<PathBuf> {
     vec![PathBuf::from("/tmp"), PathBuf::from("/var/tmp")]
+}
+
+/// Where audit records go besides the optional JSON-lines file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditDestination {
+    /// journald when its socket exists, else syslog when `/dev/log` exists,
+    /// else stderr.
+    Auto,
+    /// journald's native socket, with structured fields.
+    Journald,
+    /// The local syslog socket, facility authpriv.
+    Syslog,
+    /// Standard error.
+    Stderr,
+    /// Nowhere but the JSON-lines file (`jsonl_path` must be set).
+    None,
+}
+
+/// `[audit]`
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// The main destination.
+    #[serde(default = "default_audit_destination")]
+    pub destination: AuditDestination,
+    /// Also append JSON lines to this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jsonl_path: Option<PathBuf>,
+    /// Rotate the JSON-lines file past this size.
+    #[serde(default = "default_jsonl_max_bytes")]
+    pub jsonl_max_bytes: u64,
+    /// Rotated JSON-lines files kept.
+    #[serde(default = "default_jsonl_keep")]
+    pub jsonl_keep: u32,
+    /// Refuse privileged requests (exec, file writes, power) while a
+    /// destination fails, rather than running them unaudited.
+    #[serde(default = "default_true")]
+    pub require_for_privileged: bool,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        Self {
+            destination: default_audit_destination(),
+            jsonl_path: None,
+            jsonl_max_bytes: default_jsonl_max_bytes(),
+            jsonl_keep: default_jsonl_keep(),
+            require_for_privileged: true,
+        }
+    }
+}
+
+fn default_audit_destination() -> AuditDestination {
+    AuditDestination::Auto
+}
+fn default_jsonl_max_bytes() -> u64 {
+    10 * 1024 * 1024
+}
+fn default_jsonl_keep() -> u32 {
+    5
 }
 
 /// `[info]`
@@ -383,6 +447,26 @@ impl Config {
                 ));
             }
         }
+        if let Some(p) = &self.audit.jsonl_path {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    "audit.jsonl_path",
+                    format!("{} is not an absolute path", p.display()),
+                ));
+            }
+        }
+        if self.audit.destination == AuditDestination::None && self.audit.jsonl_path.is_none() {
+            return Err(invalid(
+                "audit.destination",
+                "\"none\" needs audit.jsonl_path: every request must be recorded somewhere".into(),
+            ));
+        }
+        if self.audit.jsonl_max_bytes < 4096 {
+            return Err(invalid(
+                "audit.jsonl_max_bytes",
+                format!("must be at least 4096 (got {})", self.audit.jsonl_max_bytes),
+            ));
+        }
         for (i, p) in self.info.hide_interfaces.iter().enumerate() {
             if p.is_empty() || p.len() > 64 || p.chars().any(|c| c.is_whitespace() || c == '/') {
                 return Err(invalid(
@@ -524,6 +608,12 @@ mod tests {
         assert!(e.to_string().contains("agent.log_level"), "{e}");
         let e = parse("[security]\ndisabled_methods = [\"ping\", \"pong\"]\n").unwrap_err();
         assert!(e.to_string().contains("disabled_methods[1]"), "{e}");
+        let e = parse("[audit]\njsonl_path = \"audit.jsonl\"\n").unwrap_err();
+        assert!(e.to_string().contains("audit.jsonl_path"), "{e}");
+        let e = parse("[audit]\ndestination = \"none\"\n").unwrap_err();
+        assert!(e.to_string().contains("audit.destination"), "{e}");
+        let e = parse("[audit]\ndestination = \"carrier-pigeon\"\n").unwrap_err();
+        assert!(e.to_string().contains("destination"), "{e}");
         let e = parse("[security]\nallowed_file_paths = [\"tmp\"]\n").unwrap_err();
         assert!(e.to_string().contains("allowed_file_paths[0]"), "{e}");
     }

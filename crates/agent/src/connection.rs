@@ -23,7 +23,6 @@ use std::sync::Arc;
 
 use kvm_agent_protocol::frame::{self, Decoded, FrameDecoder, HEADER_LEN};
 use kvm_agent_protocol::jsonrpc::{self, Id, Incoming, Rejected, Request};
-use kvm_agent_protocol::methods::Call;
 use kvm_agent_protocol::notifications::{AgentReady, AGENT_READY};
 use kvm_agent_protocol::{ErrorCode, ErrorObject, PROTOCOL_VERSION};
 use serde_json::json;
@@ -32,8 +31,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::audit::Origin;
 use crate::context::Context;
-use crate::dispatch::{self, Route};
+use crate::dispatch::{self, Admitted, Refusal, Route};
 use crate::platform;
 use crate::shutdown::Phase;
 use crate::transport::{Connection, Peer};
@@ -69,6 +69,7 @@ pub async fn serve(ctx: Arc<Context>, conn: Connection) {
             ctx.config.limits.max_requests_per_connection as usize,
         )),
         tasks: JoinSet::new(),
+        origin: Origin::new(&peer),
         peer,
     };
     session.announce().await;
@@ -247,6 +248,7 @@ struct Session {
     out: Responder,
     slots: Arc<Semaphore>,
     tasks: JoinSet<()>,
+    origin: Origin,
     peer: Peer,
 }
 
@@ -279,7 +281,7 @@ impl Session {
                         "{}: skipping a frame of {len} bytes (limit {max})",
                         self.peer
                     );
-                    self.out.respond(&Id::Null, Err(&e)).await;
+                    self.reject(&Id::Null, &e).await;
                 }
                 None => {}
             }
@@ -290,10 +292,8 @@ impl Session {
         let incoming = jsonrpc::parse_frame(&frame, self.ctx.config.limits.max_batch_len as usize);
         drop(frame);
         match incoming {
-            Incoming::Invalid(e) => self.out.respond(&Id::Null, Err(&e)).await,
-            Incoming::Single(Err(Rejected { id, error })) => {
-                self.out.respond(&id, Err(&error)).await
-            }
+            Incoming::Invalid(e) => self.reject(&Id::Null, &e).await,
+            Incoming::Single(Err(Rejected { id, error })) => self.reject(&id, &error).await,
             Incoming::Single(Ok(req)) => self.start(req).await,
             Incoming::Batch(items) => self.start_batch(items),
         }
@@ -325,42 +325,47 @@ impl Session {
         })
     }
 
-    /// Decode, check and find room for a request: the call, and the slot it
-    /// holds when it runs as a task (`None`: answered in line).
-    fn admit(
-        &self,
-        method: &str,
-        params: Option<&RawValue>,
-    ) -> Result<(Call, Option<Slot>), ErrorObject> {
-        let call = dispatch::prepare(&self.ctx, method, params).map_err(|e| {
-            log::debug!("{}: {method}: {e}", self.peer);
-            ErrorObject::from(&e)
-        })?;
-        match dispatch::route(&call) {
-            Route::Inline => Ok((call, None)),
-            Route::Task => Ok((call, Some(self.take_slot()?))),
+    /// Admit a request (the dispatcher decodes it, checks the policy and
+    /// opens its audit record) and find room for it: the admitted call, and
+    /// the slot it holds when it runs as a task (`None`: answered in line).
+    fn admit(&self, req: Request) -> Result<(Admitted, Option<Slot>), Refusal> {
+        let admitted = dispatch::admit(&self.ctx, &self.origin, req)?;
+        match admitted.route() {
+            Route::Inline => Ok((admitted, None)),
+            Route::Task => match self.take_slot() {
+                Ok(slot) => Ok((admitted, Some(slot))),
+                Err(busy) => Err(admitted.refuse_busy(busy)),
+            },
         }
     }
 
+    /// Answer a request refused before it ran (notifications get nothing).
+    async fn refuse(&self, refusal: Refusal) {
+        if let Some(id) = &refusal.id {
+            self.out.respond(id, Err(&refusal.error)).await;
+        }
+    }
+
+    /// Answer a frame-level error, recording it in the audit trail.
+    async fn reject(&self, id: &Id, error: &ErrorObject) {
+        dispatch::reject(&self.ctx, &self.origin, Some(id), error);
+        self.out.respond(id, Err(error)).await;
+    }
+
     async fn start(&mut self, req: Request) {
-        let Request { id, method, params } = req;
-        match self.admit(&method, params.as_deref()) {
-            Err(e) => {
-                if let Some(id) = &id {
-                    self.out.respond(id, Err(&e)).await;
-                }
-            }
-            Ok((call, None)) => {
-                let result = run(&self.ctx, call).await;
+        match self.admit(req) {
+            Err(refusal) => self.refuse(refusal).await,
+            Ok((admitted, None)) => {
+                let (id, result) = run(&self.ctx, admitted).await;
                 if let Some(id) = &id {
                     self.out.respond(id, result.as_deref()).await;
                 }
             }
-            Ok((call, Some(slot))) => {
+            Ok((admitted, Some(slot))) => {
                 let ctx = self.ctx.clone();
                 let out = self.out.clone();
                 self.tasks.spawn(async move {
-                    let result = run_task(ctx, call).await;
+                    let (id, result) = run_task(ctx, admitted).await;
                     drop(slot);
                     if let Some(id) = &id {
                         out.respond(id, result.as_deref()).await;
@@ -377,26 +382,27 @@ impl Session {
         let mut answers: Vec<Option<Vec<u8>>> = Vec::with_capacity(items.len());
         for (i, item) in items.into_iter().enumerate() {
             answers.push(None);
-            let Request { id, method, params } = match item {
+            let req = match item {
                 Err(Rejected { id, error }) => {
+                    dispatch::reject(&self.ctx, &self.origin, Some(&id), &error);
                     answers[i] = Some(encode_member(&id, Err(&error)));
                     continue;
                 }
                 Ok(req) => req,
             };
-            let (call, slot) = match self.admit(&method, params.as_deref()) {
+            let (admitted, slot) = match self.admit(req) {
                 Ok(admitted) => admitted,
-                Err(e) => {
-                    answers[i] = id.as_ref().map(|id| encode_member(id, Err(&e)));
+                Err(Refusal { id, error }) => {
+                    answers[i] = id.as_ref().map(|id| encode_member(id, Err(&error)));
                     continue;
                 }
             };
             let ctx = self.ctx.clone();
             members.spawn(async move {
-                let result = match slot {
-                    None => run(&ctx, call).await,
+                let (id, result) = match slot {
+                    None => run(&ctx, admitted).await,
                     Some(slot) => {
-                        let r = run_task(ctx, call).await;
+                        let r = run_task(ctx, admitted).await;
                         drop(slot);
                         r
                     }
@@ -455,35 +461,37 @@ fn encode_member(id: &Id, outcome: Result<&RawValue, &ErrorObject>) -> Vec<u8> {
     out
 }
 
-/// Execute a prepared call, turning the dispatcher's error into its wire form.
-async fn run(ctx: &Context, call: Call) -> Result<Box<RawValue>, ErrorObject> {
-    let method = call.method();
-    let result = dispatch::execute(ctx, call).await.map_err(|e| {
-        log::debug!("{method}: {e}");
-        ErrorObject::from(&e)
-    });
+type Answer = (Option<Id>, Result<Box<RawValue>, ErrorObject>);
+
+/// Run an admitted call in line.
+async fn run(ctx: &Context, admitted: Admitted) -> Answer {
+    let answer = admitted.run(ctx).await;
     ctx.stats.handled.fetch_add(1, Ordering::Relaxed);
-    result
+    answer
 }
 
 /// Run a task-routed call in its own task, so that a panicking handler
 /// becomes an internal error for that request alone; abandon it with
-/// `cancelled` when the shutdown grace period ends.
-async fn run_task(ctx: Arc<Context>, call: Call) -> Result<Box<RawValue>, ErrorObject> {
-    let method = call.method();
+/// `cancelled` when the shutdown grace period ends (its audit record then
+/// says so too).
+async fn run_task(ctx: Arc<Context>, admitted: Admitted) -> Answer {
+    let method = admitted.call.method();
+    let id = admitted.id.clone();
     let mut handle = tokio::spawn({
         let ctx = ctx.clone();
-        async move { run(&ctx, call).await }
+        async move { run(&ctx, admitted).await }
     });
     tokio::select! {
         joined = &mut handle => joined.unwrap_or_else(|e| {
             log::error!("handler of {method} failed: {e}");
-            Err(ErrorObject::new(ErrorCode::InternalError).data(json!({ "method": method.as_str() })))
+            let error = ErrorObject::new(ErrorCode::InternalError).data(json!({ "method": method.as_str() }));
+            (id, Err(error))
         }),
         _ = ctx.shutdown.reached(Phase::Cancelling) => {
             handle.abort();
             ctx.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            Err(ErrorObject::new(ErrorCode::Cancelled).data(json!({ "method": method.as_str() })))
+            let error = ErrorObject::new(ErrorCode::Cancelled).data(json!({ "method": method.as_str() }));
+            (id, Err(error))
         }
     }
 }

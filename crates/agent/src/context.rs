@@ -7,6 +7,7 @@ use std::sync::Arc;
 use kvm_agent_protocol::methods::core::Limits;
 use tokio::sync::Semaphore;
 
+use crate::audit::{self, Auditor};
 use crate::config::Config;
 use crate::handlers::metrics::MetricsState;
 use crate::platform;
@@ -20,6 +21,8 @@ pub struct Context {
     pub config: Config,
     /// The policy derived from it.
     pub policy: Policy,
+    /// The audit trail.
+    pub auditor: Arc<Auditor>,
     /// This boot's id, read once.
     pub boot_id: String,
     /// Permits for requests running as tasks, across all connections.
@@ -42,9 +45,17 @@ pub struct Stats {
 }
 
 impl Context {
-    /// Build the shared state.
-    pub fn new(config: Config, shutdown: Shutdown) -> Arc<Self> {
+    /// Build the shared state with the audit trail the configuration asks
+    /// for.
+    pub fn new(config: Config, shutdown: Shutdown) -> std::io::Result<Arc<Self>> {
+        let auditor = Arc::new(audit::from_config(&config.audit)?);
+        Ok(Self::with_auditor(config, shutdown, auditor))
+    }
+
+    /// Build the shared state around a given auditor.
+    pub fn with_auditor(config: Config, shutdown: Shutdown, auditor: Arc<Auditor>) -> Arc<Self> {
         Arc::new(Self {
+            auditor,
             policy: Policy::from_config(&config),
             boot_id: platform::boot_id(),
             request_slots: Arc::new(Semaphore::new(config.limits.max_requests_total as usize)),

@@ -1,10 +1,13 @@
 //! From a decoded request to its result: method lookup, the policy check
 //! (once, here, for every method), then one `match` that calls the handler.
 
+use kvm_agent_protocol::jsonrpc::{Id, Request};
+use kvm_agent_protocol::methods::files::Access;
 use kvm_agent_protocol::methods::{self, Call, CallError, Method};
 use kvm_agent_protocol::{ErrorCode, ErrorObject, MethodName};
 use serde_json::value::RawValue;
 
+use crate::audit::{self, Decision, Origin, PendingAudit};
 use crate::context::Context;
 use crate::handlers;
 use crate::policy::PolicyError;
@@ -18,6 +21,9 @@ pub enum DispatchError {
     /// The policy refuses the request.
     #[error(transparent)]
     Denied(#[from] PolicyError),
+    /// A privileged call while the audit trail cannot be written.
+    #[error("{0} refused: the audit trail cannot be written")]
+    AuditUnavailable(MethodName),
     /// `get_info` failed.
     #[error(transparent)]
     Info(#[from] handlers::info::InfoError),
@@ -49,6 +55,15 @@ impl From<&DispatchError> for ErrorObject {
             DispatchError::Info(e) => e.into(),
             DispatchError::Metrics(e) => e.into(),
             DispatchError::Users(e) => e.into(),
+            DispatchError::AuditUnavailable(m) => ErrorObject::with_message(
+                ErrorCode::Denied,
+                "Denied: the audit trail cannot be written",
+            )
+            .data(json!({
+                "method": m.as_str(),
+                "config_key": "audit.require_for_privileged",
+                "reason": "audit unavailable",
+            })),
             DispatchError::NotImplemented(m) => {
                 ErrorObject::new(ErrorCode::NotImplemented).data(json!({ "method": m.as_str() }))
             }
@@ -75,8 +90,7 @@ pub fn route(call: &Call) -> Route {
     }
 }
 
-/// Decode a request into a typed call and check it against the policy: the
-/// one place every request passes before anything runs.
+/// Decode a request into a typed call and check it against the policy.
 pub fn prepare(
     ctx: &Context,
     method: &str,
@@ -85,6 +99,108 @@ pub fn prepare(
     let call = Call::decode(method, params)?;
     ctx.policy.check(&call)?;
     Ok(call)
+}
+
+/// A request that passed decoding and the policy, with its audit record
+/// open. It either runs ([`Admitted::run`]) or is refused for want of a slot
+/// ([`Admitted::refuse_busy`]); either way its record is written once.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The request id (`None` for a notification).
+    pub id: Option<Id>,
+    /// The typed call.
+    pub call: Call,
+    audit: PendingAudit,
+}
+
+/// A request that will not run, with the reply it earns.
+#[derive(Debug)]
+pub struct Refusal {
+    /// The id to answer (`None`: a notification, no answer).
+    pub id: Option<Id>,
+    /// The error.
+    pub error: ErrorObject,
+}
+
+/// The one gate every request passes: decode the method and params, check
+/// the policy, refuse privileged calls while the audit trail is down, and
+/// open the request's audit record.
+pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, Refusal> {
+    let Request { id, method, params } = req;
+    let audit = PendingAudit::open(ctx.auditor.clone(), origin, Some(&method), id.as_ref());
+    let refuse = |audit: PendingAudit, decision: Decision, e: &DispatchError| {
+        log::debug!("{origin:?}: {method}: {e}");
+        let error = ErrorObject::from(e);
+        audit.refuse(decision, &error);
+        Refusal {
+            id: id.clone(),
+            error,
+        }
+    };
+    let call = match prepare(ctx, &method, params.as_deref()) {
+        Ok(call) => call,
+        Err(e) => {
+            let decision = match e {
+                DispatchError::Denied(_) => Decision::Denied,
+                _ => Decision::Invalid,
+            };
+            return Err(refuse(audit, decision, &e));
+        }
+    };
+    if is_privileged(&call) && !ctx.auditor.permits_privileged() {
+        return Err(refuse(
+            audit,
+            Decision::Denied,
+            &DispatchError::AuditUnavailable(call.method()),
+        ));
+    }
+    Ok(Admitted { id, call, audit })
+}
+
+/// Record a request that failed before it could be admitted (a frame that is
+/// not a valid request), with the error it is answered with.
+pub fn reject(ctx: &Context, origin: &Origin, id: Option<&Id>, error: &ErrorObject) {
+    audit::refused(&ctx.auditor, origin, None, id, Decision::Invalid, error);
+}
+
+/// Calls that change the guest: refused while the audit trail is down.
+pub fn is_privileged(call: &Call) -> bool {
+    match call {
+        Call::Shutdown(_)
+        | Call::Reboot(_)
+        | Call::Exec(_)
+        | Call::ExecStart(_)
+        | Call::ExecKill(_)
+        | Call::CopyToGuest(_)
+        | Call::FileWrite(_) => true,
+        Call::FileOpen(p) => p.access == Access::Write,
+        _ => false,
+    }
+}
+
+impl Admitted {
+    /// How this call is run.
+    pub fn route(&self) -> Route {
+        route(&self.call)
+    }
+
+    /// No slot was free: record it and answer with `error`.
+    pub fn refuse_busy(self, error: ErrorObject) -> Refusal {
+        self.audit.refuse(Decision::Busy, &error);
+        Refusal { id: self.id, error }
+    }
+
+    /// Run the call and record its outcome. Returns the id and the result.
+    pub async fn run(self, ctx: &Context) -> (Option<Id>, Result<Box<RawValue>, ErrorObject>) {
+        let Admitted { id, call, audit } = self;
+        let method = call.method();
+        let result = execute(ctx, call).await.map_err(|e| {
+            log::debug!("{method}: {e}");
+            ErrorObject::from(&e)
+        });
+        audit.finish(result.as_ref().map(|_| ()));
+        (id, result)
+    }
 }
 
 /// Whether this agent has a handler for `method` (else it answers
@@ -138,11 +254,155 @@ fn encode<M: Method>(result: M::Result) -> Result<Box<RawValue>, DispatchError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::tests::Memory;
     use crate::config::Config;
 
     fn ctx(config: &str) -> std::sync::Arc<Context> {
+        ctx_with_trail(config).0
+    }
+
+    fn ctx_with_trail(config: &str) -> (std::sync::Arc<Context>, Memory) {
         let (_ctl, shutdown) = crate::shutdown::channel();
-        Context::new(Config::parse(config, "t.toml".as_ref()).unwrap(), shutdown)
+        let trail = Memory::default();
+        let auditor = std::sync::Arc::new(crate::audit::Auditor::new(
+            vec![Box::new(trail.clone())],
+            true,
+        ));
+        let config = Config::parse(config, "t.toml".as_ref()).unwrap();
+        (Context::with_auditor(config, shutdown, auditor), trail)
+    }
+
+    fn request(text: &str) -> Request {
+        match kvm_agent_protocol::jsonrpc::parse_frame(text.as_bytes(), 16) {
+            kvm_agent_protocol::jsonrpc::Incoming::Single(Ok(r)) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_admitted_or_refused_request_leaves_one_record() {
+        let (ctx, trail) = ctx_with_trail("");
+        let origin = Origin::new(&crate::transport::Peer::Unix {
+            pid: Some(9),
+            uid: Some(0),
+        });
+        block_on(async {
+            let ok = admit(
+                &ctx,
+                &origin,
+                request(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#),
+            )
+            .unwrap();
+            let (_, result) = ok.run(&ctx).await;
+            assert!(result.is_ok());
+            let r = admit(
+                &ctx,
+                &origin,
+                request(r#"{"jsonrpc":"2.0","id":2,"method":"exec","params":{"command":"id"}}"#),
+            )
+            .unwrap_err();
+            assert_eq!(r.error.kind(), Some(ErrorCode::Denied));
+            let r = admit(
+                &ctx,
+                &origin,
+                request(r#"{"jsonrpc":"2.0","id":3,"method":"nope"}"#),
+            )
+            .unwrap_err();
+            assert_eq!(r.error.kind(), Some(ErrorCode::MethodNotFound));
+            let busy = admit(
+                &ctx,
+                &origin,
+                request(r#"{"jsonrpc":"2.0","id":4,"method":"get_users"}"#),
+            )
+            .unwrap();
+            let r = busy.refuse_busy(ErrorObject::new(ErrorCode::Busy));
+            assert_eq!(r.id, Some(Id::from(4)));
+            let abandoned = admit(
+                &ctx,
+                &origin,
+                request(r#"{"jsonrpc":"2.0","method":"get_capabilities"}"#),
+            )
+            .unwrap();
+            drop(abandoned);
+            reject(
+                &ctx,
+                &origin,
+                Some(&Id::Null),
+                &ErrorObject::new(ErrorCode::ParseError),
+            );
+        });
+        let recs = trail.0.lock().unwrap();
+        let summary: Vec<(Option<&str>, Decision, &str)> = recs
+            .iter()
+            .map(|r| (r.method.as_deref(), r.decision.clone(), r.outcome.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (Some("ping"), Decision::Allowed, "ok"),
+                (Some("exec"), Decision::Denied, "denied"),
+                (Some("nope"), Decision::Invalid, "method_not_found"),
+                (Some("get_users"), Decision::Busy, "busy"),
+                (Some("get_capabilities"), Decision::Allowed, "cancelled"),
+                (None, Decision::Invalid, "parse_error"),
+            ]
+        );
+        assert!(recs
+            .iter()
+            .all(|r| r.peer == "unix pid 9 uid 0" && r.transport == "unix"));
+        assert_eq!(recs[4].id, None, "a notification has no id");
+    }
+
+    #[test]
+    fn privileged_calls_are_refused_while_the_trail_is_down() {
+        let (ctx, trail) = ctx_with_trail("[security]\nenable_exec = true\n");
+        let origin = Origin::new(&crate::transport::Peer::Unix {
+            pid: None,
+            uid: None,
+        });
+        trail.1.store(true, std::sync::atomic::Ordering::Relaxed);
+        // The failed write of this record marks the trail down.
+        drop(
+            admit(
+                &ctx,
+                &origin,
+                request(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#),
+            )
+            .unwrap(),
+        );
+        let r = admit(
+            &ctx,
+            &origin,
+            request(r#"{"jsonrpc":"2.0","id":2,"method":"exec","params":{"command":"id"}}"#),
+        )
+        .unwrap_err();
+        assert_eq!(r.error.kind(), Some(ErrorCode::Denied));
+        assert_eq!(
+            r.error.data.as_ref().unwrap()["reason"],
+            "audit unavailable"
+        );
+        // Reading is still allowed.
+        assert!(admit(
+            &ctx,
+            &origin,
+            request(r#"{"jsonrpc":"2.0","id":3,"method":"get_capabilities"}"#)
+        )
+        .is_ok());
+        trail.1.store(false, std::sync::atomic::Ordering::Relaxed);
+        drop(
+            admit(
+                &ctx,
+                &origin,
+                request(r#"{"jsonrpc":"2.0","id":4,"method":"ping"}"#),
+            )
+            .unwrap(),
+        );
+        assert!(admit(
+            &ctx,
+            &origin,
+            request(r#"{"jsonrpc":"2.0","id":5,"method":"exec","params":{"command":"id"}}"#)
+        )
+        .is_ok());
     }
 
     async fn run(ctx: &Context, method: &str, params: Option<&str>) -> Result<String, ErrorObject> {

@@ -5,14 +5,16 @@
 //! 1. [`transport`]: a host connects (virtio-serial, vsock, unix socket).
 //! 2. [`connection`]: bytes become frames, frames become requests, answers
 //!    go back; concurrency and memory limits are enforced here.
-//! 3. [`dispatch`]: method lookup, the [`policy`] check (once, for every
-//!    method), then one `match` that calls the handler.
+//! 3. [`dispatch`]: method and params decoded into a typed call, the
+//!    [`policy`] check and the [`audit`] record (once, for every request),
+//!    then one `match` that calls the handler.
 //! 4. [`handlers`]: one module per method group; OS specifics live behind
 //!    [`platform`].
 //!
 //! [`server`] starts the transports and stops cleanly on SIGTERM;
 //! [`config`] reads and validates the configuration file.
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod connection;

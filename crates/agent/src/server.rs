@@ -35,6 +35,9 @@ pub enum ServerError {
     /// The transport does not exist on this platform.
     #[error("{0} is not available on this platform")]
     Unsupported(TransportSpec),
+    /// The audit trail could not be set up.
+    #[error("cannot open the audit trail: {0}")]
+    Audit(io::Error),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
@@ -51,7 +54,7 @@ pub fn run(config: Config, transports: Vec<TransportSpec>) -> Result<(), ServerE
 
 async fn serve(config: Config, transports: Vec<TransportSpec>) -> Result<(), ServerError> {
     let (controller, shutdown) = shutdown::channel();
-    let ctx = Context::new(config, shutdown.clone());
+    let ctx = Context::new(config, shutdown.clone()).map_err(ServerError::Audit)?;
     let mut listeners = JoinSet::new();
     for spec in transports {
         start_transport(&ctx, spec, &mut listeners)?;

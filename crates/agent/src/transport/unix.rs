@@ -19,10 +19,12 @@ pub struct UnixTransport {
 
 impl UnixTransport {
     /// Bind `path`, replacing a stale socket left by an earlier run (but
-    /// never any other kind of file).
+    /// never any other kind of file). The socket is made under a temporary
+    /// name and renamed into place once it listens, so a socket file at
+    /// `path` always accepts connections.
     pub fn bind(path: &Path) -> io::Result<Self> {
         match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+            Ok(m) if m.file_type().is_socket() => {}
             Ok(_) => {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
@@ -32,8 +34,21 @@ impl UnixTransport {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let name = path.file_name().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "unix: needs a file name")
+        })?;
+        let mut temp_name = std::ffi::OsString::from(".");
+        temp_name.push(name);
+        temp_name.push(format!(".{}.tmp", std::process::id()));
+        let temp = path.with_file_name(temp_name);
+        let _ = std::fs::remove_file(&temp);
+        let listener = UnixListener::bind(&temp)?;
+        let placed = std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| std::fs::rename(&temp, path));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&temp);
+            return Err(e);
+        }
         Ok(Self {
             listener,
             path: path.to_owned(),

@@ -47,11 +47,21 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Start with this configuration text (written to a file the agent reads).
+    /// Start with this configuration text (written to a file the agent
+    /// reads). Unless it has an `[audit]` section, the audit trail goes to
+    /// `audit.jsonl` in the scratch directory.
     pub fn start(config: &str) -> Self {
         let scratch = Scratch::new("agent");
         let socket = scratch.0.join("agent.sock");
         let config_path = scratch.0.join("config.toml");
+        let mut config = config.to_owned();
+        if !config.contains("[audit]") {
+            // Keep the trail in the scratch directory, not on stderr.
+            config.push_str(&format!(
+                "\n[audit]\ndestination = \"none\"\njsonl_path = \"{}\"\n",
+                scratch.0.join("audit.jsonl").display()
+            ));
+        }
         std::fs::write(&config_path, config).unwrap();
         let child = spawn(&config_path, &socket);
         let agent = Agent {
