@@ -86,9 +86,9 @@ pub fn run(args: &[String]) -> Result {
     cmd::run(&mut ctl("caps"))?;
 
     explain(
-        "Ask for guest information (OS, kernel, hostname). Until its handler \
-         lands the agent answers with a \"not implemented\" error; the demo \
-         shows that answer and goes on.",
+        "Ask for guest information (OS, kernel, hostname, network interfaces). \
+         An agent whose platform lacks this handler answers with a \"not \
+         implemented\" error: the demo shows the answer either way and goes on.",
     );
     let mut info = ctl("info");
     let status = cmd::status(&mut info)?;
