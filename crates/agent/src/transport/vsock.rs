@@ -1,5 +1,7 @@
 //! An AF_VSOCK listener (`vsock:PORT`): hosts connect to the guest's CID on
-//! this port, several at once.
+//! this port, several at once. Only the host (CID 2) is served: processes in
+//! the guest itself could otherwise connect through vsock's loopback
+//! transport and act with the agent's privileges.
 
 use std::io;
 use std::mem::size_of;
@@ -94,6 +96,18 @@ impl VsockTransport {
                 }
             });
             match accepted {
+                Ok(Ok((fd, addr))) if addr.svm_cid != libc::VMADDR_CID_HOST => {
+                    // Guest-local processes can reach a vsock listener
+                    // through the loopback transport: only the host may talk
+                    // to the agent this way.
+                    log::warn!(
+                        "vsock: refusing a connection from cid {} port {}: only the host (cid {}) is served",
+                        addr.svm_cid,
+                        addr.svm_port,
+                        libc::VMADDR_CID_HOST
+                    );
+                    drop(fd);
+                }
                 Ok(Ok((fd, addr))) => {
                     let fd = Arc::new(register(fd, Interest::READABLE | Interest::WRITABLE)?);
                     return Ok(Connection {
