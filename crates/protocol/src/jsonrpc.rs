@@ -87,6 +87,12 @@ pub struct Request {
     pub method: String,
     /// The params exactly as sent, when present (always an object or array).
     pub params: Option<Box<RawValue>>,
+    /// The `id` member's JSON text exactly as sent (`None` for a
+    /// notification): what an authentication code covers.
+    pub raw_id: Option<Box<RawValue>>,
+    /// The `auth` member exactly as sent, when present (see
+    /// [`crate::auth`]); not yet checked.
+    pub auth: Option<Box<RawValue>>,
 }
 
 /// A request that cannot be executed, with the error reply it earns.
@@ -120,6 +126,8 @@ struct RawRequest {
     method: Option<Box<RawValue>>,
     #[serde(default, deserialize_with = "present")]
     params: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "present")]
+    auth: Option<Box<RawValue>>,
 }
 
 /// Deserialize a member that is present, even when its value is `null`
@@ -256,6 +264,8 @@ fn parse_object(text: &str) -> Result<Request, Rejected> {
         id,
         method,
         params: raw.params,
+        raw_id: raw.id,
+        auth: raw.auth,
     })
 }
 
@@ -319,6 +329,11 @@ pub struct Response {
     pub id: Id,
     /// The result, or the error.
     pub outcome: Result<Box<RawValue>, ErrorObject>,
+    /// The `error` member's JSON text exactly as received, for an error
+    /// response (what its authentication code covers).
+    pub raw_error: Option<Box<RawValue>>,
+    /// The `auth` member exactly as received, when present.
+    pub auth: Option<Box<RawValue>>,
 }
 
 /// A notification as the host receives it (agent to host).
@@ -328,6 +343,8 @@ pub struct Notification {
     pub method: String,
     /// Its params, when present.
     pub params: Option<Box<RawValue>>,
+    /// The `auth` member exactly as received, when present.
+    pub auth: Option<Box<RawValue>>,
 }
 
 /// One frame from the agent.
@@ -366,6 +383,8 @@ struct RawFromAgent {
     result: Option<Box<RawValue>>,
     #[serde(default, deserialize_with = "present")]
     error: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "present")]
+    auth: Option<Box<RawValue>>,
 }
 
 /// Parse one frame received by the host.
@@ -399,15 +418,21 @@ fn parse_agent_object(frame: &[u8]) -> Result<FromAgent, FromAgentError> {
         return Ok(FromAgent::Notification(Notification {
             method,
             params: raw.params,
+            auth: raw.auth,
         }));
     }
     let id: Id = match raw.id {
         Some(v) => serde_json::from_str(v.get())?,
         None => return Err(FromAgentError::Malformed("response without id")),
     };
+    let mut raw_error = None;
     let outcome = match (raw.result, raw.error) {
         (Some(r), None) => Ok(r),
-        (None, Some(e)) => Err(serde_json::from_str::<ErrorObject>(e.get())?),
+        (None, Some(e)) => {
+            let error = serde_json::from_str::<ErrorObject>(e.get())?;
+            raw_error = Some(e);
+            Err(error)
+        }
         (Some(_), Some(_)) => {
             return Err(FromAgentError::Malformed(
                 "response carries both result and error",
@@ -419,7 +444,12 @@ fn parse_agent_object(frame: &[u8]) -> Result<FromAgent, FromAgentError> {
             ))
         }
     };
-    Ok(FromAgent::Response(Response { id, outcome }))
+    Ok(FromAgent::Response(Response {
+        id,
+        outcome,
+        raw_error,
+        auth: raw.auth,
+    }))
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! The wire protocol of kvm-manager-agent, shared by the agent and the host
 //! client. No operating-system code lives here.
 //!
+//! - [`auth`]: HMAC-SHA256 authentication of requests, responses and
+//!   `agent_ready` (canonical forms, signing, verification).
 //! - [`frame`]: length-prefixed framing and its decoder.
 //! - [`jsonrpc`]: JSON-RPC 2.0 request and response handling.
 //! - [`error`]: the error codes that reach the wire.
@@ -10,6 +12,7 @@
 //! docs/protocol.md is the specification; its examples are checked against
 //! these types by `tests/spec_examples.rs`.
 
+pub mod auth;
 pub mod error;
 pub mod frame;
 pub mod jsonrpc;
