@@ -181,6 +181,16 @@ pub struct SecuritySection {
     /// Methods refused with `denied` whatever else is configured.
     #[serde(default)]
     pub disabled_methods: Vec<String>,
+    /// The shared key (hex) that authenticates requests; absent:
+    /// authentication is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmac_key_file: Option<PathBuf>,
+    /// A second key still accepted during a key rollover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmac_previous_key_file: Option<PathBuf>,
+    /// How far a request's timestamp may be from the agent's clock.
+    #[serde(default = "default_hmac_max_skew_seconds")]
+    pub hmac_max_skew_seconds: u64,
 }
 
 impl Default for SecuritySection {
@@ -191,8 +201,15 @@ impl Default for SecuritySection {
             enable_file_copy: true,
             allowed_file_paths: default_allowed_file_paths(),
             disabled_methods: Vec::new(),
+            hmac_key_file: None,
+            hmac_previous_key_file: None,
+            hmac_max_skew_seconds: default_hmac_max_skew_seconds(),
         }
     }
+}
+
+fn default_hmac_max_skew_seconds() -> u64 {
+    kvm_agent_protocol::auth::DEFAULT_MAX_SKEW_SECONDS
 }
 
 fn default_true() -> bool {
@@ -447,6 +464,38 @@ impl Config {
                 ));
             }
         }
+        let sec = &self.security;
+        for (key, path) in [
+            ("security.hmac_key_file", &sec.hmac_key_file),
+            (
+                "security.hmac_previous_key_file",
+                &sec.hmac_previous_key_file,
+            ),
+        ] {
+            if let Some(p) = path {
+                if !p.is_absolute() {
+                    return Err(invalid(
+                        key,
+                        format!("{} is not an absolute path", p.display()),
+                    ));
+                }
+            }
+        }
+        if sec.hmac_previous_key_file.is_some() && sec.hmac_key_file.is_none() {
+            return Err(invalid(
+                "security.hmac_previous_key_file",
+                "needs security.hmac_key_file: the previous key is accepted only beside a current one".into(),
+            ));
+        }
+        if !(1..=86_400).contains(&sec.hmac_max_skew_seconds) {
+            return Err(invalid(
+                "security.hmac_max_skew_seconds",
+                format!(
+                    "must be between 1 and 86400 (got {})",
+                    sec.hmac_max_skew_seconds
+                ),
+            ));
+        }
         if let Some(p) = &self.audit.jsonl_path {
             if !p.is_absolute() {
                 return Err(invalid(
@@ -616,6 +665,22 @@ mod tests {
         assert!(e.to_string().contains("destination"), "{e}");
         let e = parse("[security]\nallowed_file_paths = [\"tmp\"]\n").unwrap_err();
         assert!(e.to_string().contains("allowed_file_paths[0]"), "{e}");
+        let e = parse("[security]\nhmac_key_file = \"hmac.key\"\n").unwrap_err();
+        assert!(e.to_string().contains("security.hmac_key_file"), "{e}");
+        let e = parse("[security]\nhmac_previous_key_file = \"/etc/old.key\"\n").unwrap_err();
+        assert!(
+            e.to_string().contains("security.hmac_previous_key_file"),
+            "{e}"
+        );
+        let e = parse("[security]\nhmac_max_skew_seconds = 0\n").unwrap_err();
+        assert!(
+            e.to_string().contains("security.hmac_max_skew_seconds"),
+            "{e}"
+        );
+        let c =
+            parse("[security]\nhmac_key_file = \"/etc/k\"\nhmac_previous_key_file = \"/etc/j\"\n")
+                .unwrap();
+        assert_eq!(c.security.hmac_max_skew_seconds, 300);
     }
 
     #[test]

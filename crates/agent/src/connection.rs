@@ -21,6 +21,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use kvm_agent_protocol::auth::{self, ResponseSigner};
 use kvm_agent_protocol::frame::{self, Decoded, FrameDecoder, HEADER_LEN};
 use kvm_agent_protocol::jsonrpc::{self, Id, Incoming, Rejected, Request};
 use kvm_agent_protocol::notifications::{AgentReady, AGENT_READY};
@@ -153,7 +154,7 @@ pub async fn serve(ctx: Arc<Context>, conn: Connection) {
 pub async fn refuse_busy(conn: Connection, max_connections: u32) {
     let e = ErrorObject::with_message(ErrorCode::Busy, "Busy: max_connections reached")
         .data(json!({ "limit": "max_connections", "value": max_connections }));
-    let framed = encode_response(&Id::Null, Err(&e), u32::MAX);
+    let framed = encode_response(&Id::Null, Err(&e), u32::MAX, None);
     let mut stream = conn.stream;
     let mut framed = framed;
     let len = (framed.len() - HEADER_LEN) as u32;
@@ -221,24 +222,48 @@ impl Responder {
         let _ = self.tx.send((framed, permit));
     }
 
-    /// Encode and queue one response.
-    async fn respond(&self, id: &Id, outcome: Result<&RawValue, &ErrorObject>) {
-        self.send_body(encode_response(id, outcome, self.max_frame))
+    /// Encode and queue one response, signed when `signer` is given.
+    async fn respond(
+        &self,
+        id: &Id,
+        outcome: Result<&RawValue, &ErrorObject>,
+        signer: Option<&ResponseSigner>,
+    ) {
+        self.send_body(encode_response(id, outcome, self.max_frame, signer))
             .await;
+    }
+}
+
+/// Append a response: with an `auth` member when `signer` is given (the
+/// request was authenticated), else plain.
+fn write_outcome(
+    out: &mut Vec<u8>,
+    id: &Id,
+    outcome: Result<&RawValue, &ErrorObject>,
+    signer: Option<&ResponseSigner>,
+) {
+    match signer {
+        Some(s) => auth::write_signed_response(out, id, outcome, s, crate::auth::now_ms()),
+        None => jsonrpc::write_response(out, id, outcome),
     }
 }
 
 /// A response frame (header space reserved), replaced by a
 /// `payload_too_large` error when it would exceed the frame limit.
-fn encode_response(id: &Id, outcome: Result<&RawValue, &ErrorObject>, max_frame: u32) -> Vec<u8> {
+fn encode_response(
+    id: &Id,
+    outcome: Result<&RawValue, &ErrorObject>,
+    max_frame: u32,
+    signer: Option<&ResponseSigner>,
+) -> Vec<u8> {
     let mut out = vec![0u8; HEADER_LEN];
-    jsonrpc::write_response(&mut out, id, outcome);
+    write_outcome(&mut out, id, outcome, signer);
     let len = out.len() - HEADER_LEN;
     if len > max_frame as usize {
         out.truncate(HEADER_LEN);
         let e = ErrorObject::with_message(ErrorCode::PayloadTooLarge, "Response too large")
             .data(json!({ "max_frame_bytes": max_frame, "response_bytes": len }));
-        jsonrpc::write_response(&mut out, id, Err(&e));
+        write_outcome(&mut out, id, Err(&e), signer);
     }
     out
 }
@@ -253,7 +278,8 @@ struct Session {
 }
 
 impl Session {
-    /// First message of every connection.
+    /// First message of every connection; signed with the current key when
+    /// authentication is on.
     async fn announce(&self) {
         let ready = AgentReady {
             agent_version: crate::AGENT_VERSION.to_owned(),
@@ -262,8 +288,19 @@ impl Session {
             os_family: platform::OS_FAMILY,
         };
         let mut out = vec![0u8; HEADER_LEN];
-        jsonrpc::write_request(&mut out, None, AGENT_READY, Some(&ready))
-            .expect("AgentReady serializes");
+        match self.ctx.auth.current_key() {
+            Some(key) => auth::write_signed_notification(
+                &mut out,
+                key,
+                AGENT_READY,
+                Some(&ready),
+                crate::auth::now_ms(),
+                &crate::auth::random_nonce(),
+            )
+            .expect("AgentReady serializes"),
+            None => jsonrpc::write_request(&mut out, None, AGENT_READY, Some(&ready))
+                .expect("AgentReady serializes"),
+        }
         self.out.send_body(out).await;
     }
 
@@ -342,33 +379,39 @@ impl Session {
     /// Answer a request refused before it ran (notifications get nothing).
     async fn refuse(&self, refusal: Refusal) {
         if let Some(id) = &refusal.id {
-            self.out.respond(id, Err(&refusal.error)).await;
+            self.out
+                .respond(id, Err(&refusal.error), refusal.signer.as_ref())
+                .await;
         }
     }
 
     /// Answer a frame-level error, recording it in the audit trail.
     async fn reject(&self, id: &Id, error: &ErrorObject) {
         dispatch::reject(&self.ctx, &self.origin, Some(id), error);
-        self.out.respond(id, Err(error)).await;
+        self.out.respond(id, Err(error), None).await;
     }
 
     async fn start(&mut self, req: Request) {
         match self.admit(req) {
             Err(refusal) => self.refuse(refusal).await,
-            Ok((admitted, None)) => {
+            Ok((mut admitted, None)) => {
+                let signer = admitted.signer.take();
                 let (id, result) = run(&self.ctx, admitted).await;
                 if let Some(id) = &id {
-                    self.out.respond(id, result.as_deref()).await;
+                    self.out
+                        .respond(id, result.as_deref(), signer.as_ref())
+                        .await;
                 }
             }
-            Ok((admitted, Some(slot))) => {
+            Ok((mut admitted, Some(slot))) => {
                 let ctx = self.ctx.clone();
                 let out = self.out.clone();
+                let signer = admitted.signer.take();
                 self.tasks.spawn(async move {
                     let (id, result) = run_task(ctx, admitted).await;
                     drop(slot);
                     if let Some(id) = &id {
-                        out.respond(id, result.as_deref()).await;
+                        out.respond(id, result.as_deref(), signer.as_ref()).await;
                     }
                 });
             }
@@ -385,18 +428,21 @@ impl Session {
             let req = match item {
                 Err(Rejected { id, error }) => {
                     dispatch::reject(&self.ctx, &self.origin, Some(&id), &error);
-                    answers[i] = Some(encode_member(&id, Err(&error)));
+                    answers[i] = Some(encode_member(&id, Err(&error), None));
                     continue;
                 }
                 Ok(req) => req,
             };
-            let (admitted, slot) = match self.admit(req) {
+            let (mut admitted, slot) = match self.admit(req) {
                 Ok(admitted) => admitted,
-                Err(Refusal { id, error }) => {
-                    answers[i] = id.as_ref().map(|id| encode_member(id, Err(&error)));
+                Err(Refusal { id, error, signer }) => {
+                    answers[i] = id
+                        .as_ref()
+                        .map(|id| encode_member(id, Err(&error), signer.as_ref()));
                     continue;
                 }
             };
+            let signer = admitted.signer.take();
             let ctx = self.ctx.clone();
             members.spawn(async move {
                 let (id, result) = match slot {
@@ -407,7 +453,10 @@ impl Session {
                         r
                     }
                 };
-                (i, id.map(|id| encode_member(&id, result.as_deref())))
+                (
+                    i,
+                    id.map(|id| encode_member(&id, result.as_deref(), signer.as_ref())),
+                )
             });
         }
         let out = self.out.clone();
@@ -435,7 +484,7 @@ impl Session {
             if len > out.max_frame as usize {
                 let e = ErrorObject::with_message(ErrorCode::PayloadTooLarge, "Response too large")
                     .data(json!({ "max_frame_bytes": out.max_frame, "response_bytes": len }));
-                framed = encode_response(&Id::Null, Err(&e), out.max_frame);
+                framed = encode_response(&Id::Null, Err(&e), out.max_frame, None);
             }
             out.send_body(framed).await;
         });
@@ -455,9 +504,13 @@ struct Slot {
     _total: OwnedSemaphorePermit,
 }
 
-fn encode_member(id: &Id, outcome: Result<&RawValue, &ErrorObject>) -> Vec<u8> {
+fn encode_member(
+    id: &Id,
+    outcome: Result<&RawValue, &ErrorObject>,
+    signer: Option<&ResponseSigner>,
+) -> Vec<u8> {
     let mut out = Vec::new();
-    jsonrpc::write_response(&mut out, id, outcome);
+    write_outcome(&mut out, id, outcome, signer);
     out
 }
 
@@ -503,7 +556,7 @@ mod tests {
     #[test]
     fn oversized_response_becomes_an_error_for_the_same_id() {
         let big = serde_json::value::to_raw_value(&"x".repeat(5000)).unwrap();
-        let framed = encode_response(&Id::from(3), Ok(&big), 4096);
+        let framed = encode_response(&Id::from(3), Ok(&big), 4096, None);
         let v: serde_json::Value = serde_json::from_slice(&framed[HEADER_LEN..]).unwrap();
         assert_eq!(v["id"], 3);
         assert_eq!(v["error"]["code"], -32005);

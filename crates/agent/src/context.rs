@@ -8,6 +8,7 @@ use kvm_agent_protocol::methods::core::Limits;
 use tokio::sync::Semaphore;
 
 use crate::audit::{self, Auditor};
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::handlers::metrics::MetricsState;
 use crate::platform;
@@ -23,6 +24,8 @@ pub struct Context {
     pub policy: Policy,
     /// The audit trail.
     pub auditor: Arc<Auditor>,
+    /// Request authentication (keys, replay cache); off without a key.
+    pub auth: Authenticator,
     /// This boot's id, read once.
     pub boot_id: String,
     /// Permits for requests running as tasks, across all connections.
@@ -46,16 +49,33 @@ pub struct Stats {
 
 impl Context {
     /// Build the shared state with the audit trail the configuration asks
-    /// for.
-    pub fn new(config: Config, shutdown: Shutdown) -> std::io::Result<Arc<Self>> {
+    /// for and `auth` (loaded from the configuration's key files by
+    /// [`Authenticator::from_config`]).
+    pub fn new(
+        config: Config,
+        shutdown: Shutdown,
+        auth: Authenticator,
+    ) -> std::io::Result<Arc<Self>> {
         let auditor = Arc::new(audit::from_config(&config.audit)?);
-        Ok(Self::with_auditor(config, shutdown, auditor))
+        Ok(Self::with_auditor_and_auth(config, shutdown, auditor, auth))
     }
 
-    /// Build the shared state around a given auditor.
+    /// Build the shared state around a given auditor, with authentication
+    /// off whatever the configuration says (for tests).
     pub fn with_auditor(config: Config, shutdown: Shutdown, auditor: Arc<Auditor>) -> Arc<Self> {
+        Self::with_auditor_and_auth(config, shutdown, auditor, Authenticator::off())
+    }
+
+    /// Build the shared state around a given auditor and authenticator.
+    pub fn with_auditor_and_auth(
+        config: Config,
+        shutdown: Shutdown,
+        auditor: Arc<Auditor>,
+        auth: Authenticator,
+    ) -> Arc<Self> {
         Arc::new(Self {
             auditor,
+            auth,
             policy: Policy::from_config(&config),
             boot_id: platform::boot_id(),
             request_slots: Arc::new(Semaphore::new(config.limits.max_requests_total as usize)),

@@ -1,6 +1,7 @@
 //! From a decoded request to its result: method lookup, the policy check
 //! (once, here, for every method), then one `match` that calls the handler.
 
+use kvm_agent_protocol::auth::ResponseSigner;
 use kvm_agent_protocol::jsonrpc::{Id, Request};
 use kvm_agent_protocol::methods::files::Access;
 use kvm_agent_protocol::methods::{self, Call, CallError, Method};
@@ -8,6 +9,7 @@ use kvm_agent_protocol::{ErrorCode, ErrorObject, MethodName};
 use serde_json::value::RawValue;
 
 use crate::audit::{self, Decision, Origin, PendingAudit};
+use crate::auth::Refused;
 use crate::context::Context;
 use crate::handlers;
 use crate::policy::PolicyError;
@@ -110,6 +112,9 @@ pub struct Admitted {
     pub id: Option<Id>,
     /// The typed call.
     pub call: Call,
+    /// Signs the response when the request was authenticated (`None`:
+    /// authentication is off). Take it before [`Admitted::run`].
+    pub signer: Option<ResponseSigner>,
     audit: PendingAudit,
 }
 
@@ -120,14 +125,42 @@ pub struct Refusal {
     pub id: Option<Id>,
     /// The error.
     pub error: ErrorObject,
+    /// Signs the reply when the request was authenticated; `None` when
+    /// authentication is off or failed (-32008 replies are never signed).
+    pub signer: Option<ResponseSigner>,
 }
 
-/// The one gate every request passes: decode the method and params, check
-/// the policy, refuse privileged calls while the audit trail is down, and
-/// open the request's audit record.
+/// The one gate every request passes: open the request's audit record,
+/// authenticate the request (when a key is configured) before anything else
+/// is looked at, decode the method and params, check the policy, and refuse
+/// privileged calls while the audit trail is down.
 pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, Refusal> {
-    let Request { id, method, params } = req;
-    let audit = PendingAudit::open(ctx.auditor.clone(), origin, Some(&method), id.as_ref());
+    let audit = PendingAudit::open(
+        ctx.auditor.clone(),
+        origin,
+        Some(&req.method),
+        req.id.as_ref(),
+    );
+    let signer = match ctx.auth.check(&req) {
+        Ok(signer) => signer,
+        Err(refused) => {
+            let error = refused.error();
+            log::info!("{origin:?}: {}: {}", req.method, error.message);
+            let (decision, signer) = match refused {
+                Refused::Failed(_) => (Decision::Unauthenticated, None),
+                Refused::CacheFull(signer) => (Decision::Busy, Some(signer)),
+            };
+            audit.refuse(decision, &error);
+            return Err(Refusal {
+                id: req.id,
+                error,
+                signer,
+            });
+        }
+    };
+    let Request {
+        id, method, params, ..
+    } = req;
     let refuse = |audit: PendingAudit, decision: Decision, e: &DispatchError| {
         log::debug!("{origin:?}: {method}: {e}");
         let error = ErrorObject::from(e);
@@ -135,6 +168,7 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
         Refusal {
             id: id.clone(),
             error,
+            signer: signer.clone(),
         }
     };
     let call = match prepare(ctx, &method, params.as_deref()) {
@@ -154,7 +188,12 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
             &DispatchError::AuditUnavailable(call.method()),
         ));
     }
-    Ok(Admitted { id, call, audit })
+    Ok(Admitted {
+        id,
+        call,
+        signer,
+        audit,
+    })
 }
 
 /// Record a request that failed before it could be admitted (a frame that is
@@ -187,12 +226,18 @@ impl Admitted {
     /// No slot was free: record it and answer with `error`.
     pub fn refuse_busy(self, error: ErrorObject) -> Refusal {
         self.audit.refuse(Decision::Busy, &error);
-        Refusal { id: self.id, error }
+        Refusal {
+            id: self.id,
+            error,
+            signer: self.signer,
+        }
     }
 
     /// Run the call and record its outcome. Returns the id and the result.
     pub async fn run(self, ctx: &Context) -> (Option<Id>, Result<Box<RawValue>, ErrorObject>) {
-        let Admitted { id, call, audit } = self;
+        let Admitted {
+            id, call, audit, ..
+        } = self;
         let method = call.method();
         let result = execute(ctx, call).await.map_err(|e| {
             log::debug!("{method}: {e}");
@@ -351,6 +396,74 @@ mod tests {
             .iter()
             .all(|r| r.peer == "unix pid 9 uid 0" && r.transport == "unix"));
         assert_eq!(recs[4].id, None, "a notification has no id");
+    }
+
+    #[test]
+    fn authentication_comes_first_and_refusals_are_recorded_unauthenticated() {
+        use kvm_agent_protocol::auth::{self, Key};
+        let (_ctl, shutdown) = crate::shutdown::channel();
+        let trail = Memory::default();
+        let auditor = std::sync::Arc::new(crate::audit::Auditor::new(
+            vec![Box::new(trail.clone())],
+            true,
+        ));
+        let key = Key::from_bytes(&[7u8; 32]).unwrap();
+        let ctx = Context::with_auditor_and_auth(
+            Config::default(),
+            shutdown,
+            auditor,
+            crate::auth::Authenticator::with_keys(vec![key.clone()], 300),
+        );
+        let origin = Origin::new(&crate::transport::Peer::Unix {
+            pid: None,
+            uid: None,
+        });
+        let signed = |id: u64, method: &str, nonce: u8| {
+            let mut out = Vec::new();
+            auth::write_signed_request::<serde_json::Value>(
+                &mut out,
+                &key,
+                Some(&Id::from(id)),
+                method,
+                None,
+                crate::auth::now_ms(),
+                &[nonce; 16],
+            )
+            .unwrap();
+            request(std::str::from_utf8(&out).unwrap())
+        };
+        // Unknown method without auth: -32008, not -32601.
+        let r = admit(
+            &ctx,
+            &origin,
+            request(r#"{"jsonrpc":"2.0","id":1,"method":"nope"}"#),
+        )
+        .unwrap_err();
+        assert_eq!(r.error.kind(), Some(ErrorCode::AuthenticationFailed));
+        assert_eq!(r.error.data.as_ref().unwrap()["reason"], "missing");
+        assert!(r.signer.is_none(), "-32008 is never signed");
+        // Authenticated: past the gate, to -32601, signed.
+        let r = admit(&ctx, &origin, signed(2, "nope", 1)).unwrap_err();
+        assert_eq!(r.error.kind(), Some(ErrorCode::MethodNotFound));
+        assert!(r.signer.is_some());
+        let ok = admit(&ctx, &origin, signed(3, "ping", 2)).unwrap();
+        assert!(ok.signer.is_some());
+        drop(ok);
+        let r = admit(&ctx, &origin, signed(3, "ping", 2)).unwrap_err();
+        assert_eq!(r.error.data.as_ref().unwrap()["reason"], "replayed");
+        let recs = trail.0.lock().unwrap();
+        let decisions: Vec<Decision> = recs.iter().map(|r| r.decision.clone()).collect();
+        assert_eq!(
+            decisions,
+            [
+                Decision::Unauthenticated,
+                Decision::Invalid,
+                Decision::Allowed,
+                Decision::Unauthenticated
+            ]
+        );
+        assert_eq!(recs[0].outcome, "authentication_failed");
+        assert_eq!(recs[0].method.as_deref(), Some("nope"));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! 1. [`transport`]: a host connects (virtio-serial, vsock, unix socket).
 //! 2. [`connection`]: bytes become frames, frames become requests, answers
 //!    go back; concurrency and memory limits are enforced here.
-//! 3. [`dispatch`]: method and params decoded into a typed call, the
+//! 3. [`dispatch`]: the request authenticated ([`auth`], when a key is
+//!    configured), method and params decoded into a typed call, the
 //!    [`policy`] check and the [`audit`] record (once, for every request),
 //!    then one `match` that calls the handler.
 //! 4. [`handlers`]: one module per method group; OS specifics live behind
@@ -15,6 +16,7 @@
 //! [`config`] reads and validates the configuration file.
 
 pub mod audit;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod connection;

@@ -47,6 +47,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The key files are read again when serving; checked here so that a bad
+    // one is a configuration error (and --check-config reports it).
+    if let Err(e) = kvm_manager_agent::auth::Authenticator::from_config(&config.security) {
+        eprintln!("kvm-manager-agent: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     if args.check_config {
         println!("{origin}: configuration is valid");
         return ExitCode::SUCCESS;

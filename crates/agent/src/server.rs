@@ -38,6 +38,9 @@ pub enum ServerError {
     /// The audit trail could not be set up.
     #[error("cannot open the audit trail: {0}")]
     Audit(io::Error),
+    /// A key file of `[security]` is unusable.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::KeyFileError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
@@ -54,7 +57,11 @@ pub fn run(config: Config, transports: Vec<TransportSpec>) -> Result<(), ServerE
 
 async fn serve(config: Config, transports: Vec<TransportSpec>) -> Result<(), ServerError> {
     let (controller, shutdown) = shutdown::channel();
-    let ctx = Context::new(config, shutdown.clone()).map_err(ServerError::Audit)?;
+    let auth = crate::auth::Authenticator::from_config(&config.security)?;
+    if auth.is_enabled() {
+        log::info!("authentication on: every request must carry a valid HMAC");
+    }
+    let ctx = Context::new(config, shutdown.clone(), auth).map_err(ServerError::Audit)?;
     let mut listeners = JoinSet::new();
     for spec in transports {
         start_transport(&ctx, spec, &mut listeners)?;

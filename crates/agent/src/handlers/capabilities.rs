@@ -21,6 +21,6 @@ pub fn get(ctx: &Context, _params: NoParams) -> Capabilities {
             .map(|m| m.as_str().to_owned())
             .collect(),
         limits: ctx.limits(),
-        auth_required: false,
+        auth_required: ctx.auth.is_enabled(),
     }
 }
