@@ -124,9 +124,10 @@ impl Authenticator {
         !self.keys.is_empty()
     }
 
-    /// The key that signs `agent_ready`.
-    pub fn current_key(&self) -> Option<&Key> {
-        self.keys.first()
+    /// The keys, current first (empty: off): `agent_ready` is signed with
+    /// each.
+    pub fn keys(&self) -> &[Key] {
+        &self.keys
     }
 
     /// Check a request now. `Ok(None)`: authentication is off;

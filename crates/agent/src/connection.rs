@@ -278,8 +278,8 @@ struct Session {
 }
 
 impl Session {
-    /// First message of every connection; signed with the current key when
-    /// authentication is on.
+    /// First message of every connection; when authentication is on, signed
+    /// with the current key (and the previous one, during a rollover).
     async fn announce(&self) {
         let ready = AgentReady {
             agent_version: crate::AGENT_VERSION.to_owned(),
@@ -288,18 +288,18 @@ impl Session {
             os_family: platform::OS_FAMILY,
         };
         let mut out = vec![0u8; HEADER_LEN];
-        match self.ctx.auth.current_key() {
-            Some(key) => auth::write_signed_notification(
+        match self.ctx.auth.keys() {
+            [] => jsonrpc::write_request(&mut out, None, AGENT_READY, Some(&ready))
+                .expect("AgentReady serializes"),
+            keys => auth::write_signed_notification(
                 &mut out,
-                key,
+                keys,
                 AGENT_READY,
                 Some(&ready),
                 crate::auth::now_ms(),
                 &crate::auth::random_nonce(),
             )
             .expect("AgentReady serializes"),
-            None => jsonrpc::write_request(&mut out, None, AGENT_READY, Some(&ready))
-                .expect("AgentReady serializes"),
         }
         self.out.send_body(out).await;
     }

@@ -25,6 +25,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use crate::auth::AuthKey;
 use crate::connection::{Connection, UnmatchedHandler};
 use crate::error::ClientError;
 use crate::target::Target;
@@ -59,6 +60,13 @@ pub struct ClientOptions {
     /// caller; see [`Client`] ("Answers without an id"). Runs on the reader
     /// task: keep it short and non-blocking.
     pub on_unmatched: Option<UnmatchedHandler>,
+    /// The shared key, for an agent with authentication on (default none).
+    /// With it every request is signed, and every response and
+    /// `agent_ready` must carry a valid MAC, else
+    /// [`ClientError::Authentication`] (an unsigned -32008 reply, which the
+    /// agent sends when it refuses a request's authentication, is passed on
+    /// as [`ClientError::Agent`]).
+    pub auth: Option<AuthKey>,
 }
 
 impl Default for ClientOptions {
@@ -70,6 +78,7 @@ impl Default for ClientOptions {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             reconnect: true,
             on_unmatched: None,
+            auth: None,
         }
     }
 }
@@ -83,6 +92,7 @@ impl std::fmt::Debug for ClientOptions {
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("reconnect", &self.reconnect)
             .field("on_unmatched", &self.on_unmatched.as_ref().map(|_| ".."))
+            .field("auth", &self.auth.as_ref().map(|_| "(key)"))
             .finish()
     }
 }
@@ -249,6 +259,7 @@ impl Client {
                 opts.max_frame_bytes,
                 self.inner.latest_ready.clone(),
                 opts.on_unmatched.clone(),
+                opts.auth.clone(),
             ));
             if opts.wait_for_ready {
                 conn.ready().await?;

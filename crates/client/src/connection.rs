@@ -5,16 +5,18 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use kvm_agent_protocol::auth as wire_auth;
 use kvm_agent_protocol::frame::{self, Decoded, FrameDecoder};
 use kvm_agent_protocol::jsonrpc::{self, FromAgent, Id, Response};
 use kvm_agent_protocol::notifications::{AgentReady, AGENT_READY};
-use kvm_agent_protocol::ErrorObject;
+use kvm_agent_protocol::{ErrorCode, ErrorObject};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::auth::{now_ms, random_nonce, AuthKey};
 use crate::error::ClientError;
 use crate::transport::BoxStream;
 
@@ -59,6 +61,7 @@ const READ_BUF: usize = 64 * 1024;
 enum CloseReason {
     Disconnected(String),
     Protocol(String),
+    Authentication(String),
 }
 
 impl CloseReason {
@@ -66,6 +69,7 @@ impl CloseReason {
         match self {
             CloseReason::Disconnected(s) => ClientError::Disconnected(s.clone()),
             CloseReason::Protocol(s) => ClientError::Protocol(s.clone()),
+            CloseReason::Authentication(s) => ClientError::Authentication(s.clone()),
         }
     }
 }
@@ -73,6 +77,8 @@ impl CloseReason {
 #[derive(Default)]
 struct Calls {
     pending: HashMap<u64, oneshot::Sender<Reply>>,
+    /// With authentication: the nonce each pending request was signed with.
+    nonces: HashMap<u64, String>,
     abandoned: HashSet<u64>,
     /// The abandoned set overflowed: stop attributing null-id errors.
     abandoned_overflow: bool,
@@ -89,6 +95,7 @@ impl Calls {
             return None;
         }
         let id = *self.pending.keys().next()?;
+        self.nonces.remove(&id);
         self.pending.remove(&id)
     }
 }
@@ -104,6 +111,7 @@ struct Shared {
     status: watch::Sender<Status>,
     latest_ready: Arc<Mutex<Option<AgentReady>>>,
     on_unmatched: Option<UnmatchedHandler>,
+    auth: Option<AuthKey>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -121,6 +129,7 @@ impl Shared {
             }
             calls.closed = Some(reason.clone());
             calls.abandoned.clear();
+            calls.nonces.clear();
             calls.pending.drain().map(|(_, tx)| tx).collect()
         };
         for tx in drained {
@@ -141,6 +150,13 @@ impl Shared {
             Err(e) => Err(CloseReason::Protocol(e.to_string())),
             Ok(FromAgent::Notification(n)) => {
                 if n.method == AGENT_READY {
+                    if let Some(key) = &self.auth {
+                        wire_auth::verify_notification(&key.0, &n).map_err(|e| {
+                            CloseReason::Authentication(format!(
+                                "agent_ready: {e} (is authentication on in the agent?)"
+                            ))
+                        })?;
+                    }
                     let params = n.params.as_deref().map_or("null", RawValue::get);
                     let ready: AgentReady = serde_json::from_str(params).map_err(|e| {
                         CloseReason::Protocol(format!("agent_ready with invalid params: {e}"))
@@ -151,32 +167,39 @@ impl Shared {
                 // Other notifications are newer than this client: ignore them.
                 Ok(())
             }
-            Ok(FromAgent::Response(r)) => {
-                self.route(r);
-                Ok(())
-            }
-            Ok(FromAgent::Batch(rs)) => {
-                for r in rs {
-                    self.route(r);
-                }
-                Ok(())
-            }
+            Ok(FromAgent::Response(r)) => self.route(r),
+            Ok(FromAgent::Batch(rs)) => rs.into_iter().try_for_each(|r| self.route(r)),
         }
     }
 
-    fn route(&self, r: Response) {
+    /// Hand a response to its caller. With authentication, a response
+    /// without a valid MAC fails its call and closes the connection.
+    fn route(&self, r: Response) -> Result<(), CloseReason> {
         match r.id {
-            Id::Number(n) if n.as_u64().is_some() => {
+            Id::Number(ref n) if n.as_u64().is_some() => {
                 let id = n.as_u64().unwrap_or_default();
-                let tx = {
+                let (tx, nonce) = {
                     let mut calls = lock(&self.calls);
                     calls.abandoned.remove(&id);
-                    calls.pending.remove(&id)
+                    (calls.pending.remove(&id), calls.nonces.remove(&id))
                 };
                 // No sender: the caller timed out or went away; drop the answer.
-                if let Some(tx) = tx {
-                    let _ = tx.send(r.outcome.map_err(ClientError::Agent));
+                let Some(tx) = tx else { return Ok(()) };
+                if let Some(key) = &self.auth {
+                    let nonce = nonce.unwrap_or_default();
+                    let refused_auth = r.auth.is_none()
+                        && matches!(&r.outcome, Err(e) if e.kind() == Some(ErrorCode::AuthenticationFailed));
+                    if !refused_auth {
+                        if let Err(e) =
+                            wire_auth::verify_response(&key.0, &id.to_string(), &nonce, &r)
+                        {
+                            let msg = format!("the response to request {id}: {e}");
+                            let _ = tx.send(Err(ClientError::Authentication(msg.clone())));
+                            return Err(CloseReason::Authentication(msg));
+                        }
+                    }
                 }
+                let _ = tx.send(r.outcome.map_err(ClientError::Agent));
             }
             Id::Null => match r.outcome {
                 Err(e) => {
@@ -197,6 +220,7 @@ impl Shared {
                 "a response with id {other}, which this client never issued"
             ))),
         }
+        Ok(())
     }
 
     fn on_too_large(&self, len: u32, max: u32) {
@@ -248,6 +272,7 @@ impl Connection {
         max_frame_bytes: u32,
         latest_ready: Arc<Mutex<Option<AgentReady>>>,
         on_unmatched: Option<UnmatchedHandler>,
+        auth: Option<AuthKey>,
     ) -> Self {
         let (rd, wr) = tokio::io::split(stream);
         let shared = Arc::new(Shared {
@@ -255,6 +280,7 @@ impl Connection {
             status: watch::Sender::new(Status::default()),
             latest_ready,
             on_unmatched,
+            auth,
         });
         let (frames, rx) = mpsc::channel(WRITE_QUEUE);
         let reader = tokio::spawn(read_loop(rd, shared.clone(), max_frame_bytes));
@@ -303,9 +329,28 @@ impl Connection {
         params: Option<&P>,
     ) -> Reply {
         let mut buf = vec![0u8; frame::HEADER_LEN];
-        jsonrpc::write_request(&mut buf, Some(&Id::from(id)), method, params).map_err(|e| {
-            ClientError::Protocol(format!("could not encode the params of {method}: {e}"))
-        })?;
+        let mut nonce = None;
+        match &self.shared.auth {
+            None => jsonrpc::write_request(&mut buf, Some(&Id::from(id)), method, params).map_err(
+                |e| ClientError::Protocol(format!("could not encode the params of {method}: {e}")),
+            )?,
+            Some(key) => {
+                let fresh = random_nonce();
+                wire_auth::write_signed_request(
+                    &mut buf,
+                    &key.0,
+                    Some(&Id::from(id)),
+                    method,
+                    params,
+                    now_ms(),
+                    &fresh,
+                )
+                .map_err(|e| {
+                    ClientError::Protocol(format!("could not encode the request {method}: {e}"))
+                })?;
+                nonce = Some(wire_auth::nonce_hex(&fresh));
+            }
+        }
         let len = buf.len() - frame::HEADER_LEN;
         if len > self.max_frame_bytes as usize {
             return Err(ClientError::RequestTooLarge {
@@ -322,6 +367,9 @@ impl Connection {
                 return Err(reason.to_error());
             }
             calls.pending.insert(id, tx);
+            if let Some(nonce) = nonce {
+                calls.nonces.insert(id, nonce);
+            }
         }
         let mut guard = PendingGuard {
             shared: &self.shared,
@@ -348,6 +396,7 @@ struct PendingGuard<'a> {
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         let mut calls = lock(&self.shared.calls);
+        calls.nonces.remove(&self.id);
         if calls.pending.remove(&self.id).is_some() && self.sent && calls.closed.is_none() {
             // The request is on the wire and its answer is still due.
             if calls.abandoned.len() < MAX_ABANDONED {

@@ -49,6 +49,11 @@ pub enum ClientError {
     /// does not have the shape the method promises.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// With [`crate::ClientOptions::auth`]: a response or `agent_ready`
+    /// without a valid MAC. The connection is closed: what arrives on it
+    /// cannot be trusted.
+    #[error("response authentication failed: {0}")]
+    Authentication(String),
     /// The agent sent a frame longer than the client's `max_frame_bytes`; it
     /// was skipped.
     #[error("the agent sent a frame of {len} bytes, over the limit of {max} bytes")]
@@ -97,7 +102,9 @@ impl ClientError {
             ClientError::Agent(_) => ErrorKind::Agent,
             ClientError::Connect { .. } | ClientError::Timeout { .. } => ErrorKind::Connection,
             ClientError::Disconnected(_) => ErrorKind::Connection,
-            ClientError::Protocol(_) | ClientError::FrameTooLarge { .. } => ErrorKind::Protocol,
+            ClientError::Protocol(_)
+            | ClientError::Authentication(_)
+            | ClientError::FrameTooLarge { .. } => ErrorKind::Protocol,
             ClientError::Io(_)
             | ClientError::RequestTooLarge { .. }
             | ClientError::InvalidTarget(_)

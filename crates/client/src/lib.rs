@@ -20,12 +20,14 @@
 //! every method's types come from [`kvm_agent_protocol`], re-exported as
 //! [`protocol`].
 
+mod auth;
 mod client;
 mod connection;
 mod error;
 mod target;
 mod transport;
 
+pub use auth::{AuthKey, AuthKeyError};
 pub use client::{Client, ClientOptions};
 pub use connection::{Unmatched, UnmatchedHandler};
 pub use error::{ClientError, ErrorKind};

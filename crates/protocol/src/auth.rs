@@ -146,6 +146,9 @@ pub enum CanonicalError {
     /// line-separated canonical form ambiguous).
     #[error("the method name contains a control character")]
     ControlCharacterInMethod,
+    /// No key to sign with.
+    #[error("no key to sign with")]
+    NoKey,
 }
 
 fn check_method(method: &str) -> Result<(), CanonicalError> {
@@ -219,7 +222,7 @@ pub fn notification_canonical(
     Ok(out)
 }
 
-/// The `auth` member of a request or a notification.
+/// The `auth` member of a request (or of a notification from the host).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MessageAuth {
@@ -229,6 +232,22 @@ pub struct MessageAuth {
     pub nonce: String,
     /// HMAC-SHA256 of the canonical form, 64 lowercase hex digits.
     pub mac: String,
+}
+
+/// The `auth` member of a notification from the agent (`agent_ready`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotificationAuth {
+    /// The agent's clock, milliseconds since the Unix epoch.
+    pub ts: u64,
+    /// 16 random bytes, 32 lowercase hex digits.
+    pub nonce: String,
+    /// HMAC-SHA256 of the canonical form with the current key.
+    pub mac: String,
+    /// During a key rollover only: the same with the previous key, so that
+    /// hosts still on it can trust `agent_ready` too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac_previous: Option<String>,
 }
 
 /// The `auth` member of a response (its nonce is the request's).
@@ -419,14 +438,14 @@ pub fn write_signed_response(
 }
 
 #[derive(Serialize)]
-struct OutSignedRequest<'a> {
+struct OutSignedRequest<'a, A: Serialize> {
     jsonrpc: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<&'a Id>,
     method: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     params: Option<&'a RawValue>,
-    auth: &'a MessageAuth,
+    auth: &'a A,
 }
 
 /// Append the JSON of a signed request (or, with `id: None`, a signed
@@ -479,10 +498,12 @@ pub enum SignError {
 }
 
 /// Append the JSON of a signed notification from the agent
-/// (`agent_ready`): `{"jsonrpc":"2.0","method":..,"params":..,"auth":{..}}`.
+/// (`agent_ready`): `{"jsonrpc":"2.0","method":..,"params":..,"auth":{..}}`,
+/// `mac` with `keys[0]` (the current key) and, when there is a `keys[1]`
+/// (the previous key, during a rollover), `mac_previous` with it.
 pub fn write_signed_notification<P: Serialize>(
     out: &mut Vec<u8>,
-    key: &Key,
+    keys: &[Key],
     method: &str,
     params: Option<&P>,
     ts: u64,
@@ -492,9 +513,11 @@ pub fn write_signed_notification<P: Serialize>(
     let nonce = nonce_hex(nonce);
     let canonical =
         notification_canonical(method, ts, &nonce, params.as_deref().map(RawValue::get))?;
-    let auth = MessageAuth {
+    let key = keys.first().ok_or(CanonicalError::NoKey)?;
+    let auth = NotificationAuth {
         ts,
         mac: to_hex(&key.mac(&canonical)),
+        mac_previous: keys.get(1).map(|k| to_hex(&k.mac(&canonical))),
         nonce,
     };
     let msg = OutSignedRequest {
@@ -549,16 +572,32 @@ pub fn verify_response(
     Ok(auth)
 }
 
-/// Check a notification from the agent (`agent_ready`).
+/// Check a notification from the agent (`agent_ready`): `key` must verify
+/// `mac` or, during a rollover, `mac_previous`.
 pub fn verify_notification(
     key: &Key,
     notification: &jsonrpc::Notification,
-) -> Result<MessageAuth, ResponseFailure> {
+) -> Result<NotificationAuth, ResponseFailure> {
     let raw = notification
         .auth
         .as_deref()
         .ok_or(ResponseFailure::Missing)?;
-    let (auth, mac) = parse_message_auth(raw).map_err(|_| ResponseFailure::Malformed)?;
+    let auth: NotificationAuth =
+        serde_json::from_str(raw.get()).map_err(|_| ResponseFailure::Malformed)?;
+    let mac_bytes = |m: &str| {
+        decode_hex(m, true)
+            .ok()
+            .filter(|b| b.len() == MAC_BYTES)
+            .ok_or(ResponseFailure::Malformed)
+    };
+    let nonce_ok = auth.nonce.len() == 2 * NONCE_BYTES && decode_hex(&auth.nonce, true).is_ok();
+    if !nonce_ok {
+        return Err(ResponseFailure::Malformed);
+    }
+    let mut macs = vec![mac_bytes(&auth.mac)?];
+    if let Some(prev) = &auth.mac_previous {
+        macs.push(mac_bytes(prev)?);
+    }
     let canonical = notification_canonical(
         &notification.method,
         auth.ts,
@@ -566,7 +605,7 @@ pub fn verify_notification(
         notification.params.as_deref().map(RawValue::get),
     )
     .map_err(|_| ResponseFailure::Malformed)?;
-    if !key.verify(&canonical, &mac) {
+    if !macs.iter().any(|m| key.verify(&canonical, m)) {
         return Err(ResponseFailure::BadMac);
     }
     Ok(auth)
@@ -842,8 +881,15 @@ mod tests {
     fn signed_notifications_verify() {
         let mut out = Vec::new();
         let params = serde_json::json!({"boot_id": "b"});
-        write_signed_notification(&mut out, &key(0), "agent_ready", Some(&params), NOW, &NONCE)
-            .unwrap();
+        write_signed_notification(
+            &mut out,
+            &[key(0)],
+            "agent_ready",
+            Some(&params),
+            NOW,
+            &NONCE,
+        )
+        .unwrap();
         let n = match parse_from_agent(&out).unwrap() {
             FromAgent::Notification(n) => n,
             other => panic!("{other:?}"),
@@ -851,6 +897,27 @@ mod tests {
         assert!(verify_notification(&key(0), &n).is_ok());
         assert_eq!(
             verify_notification(&key(1), &n).unwrap_err(),
+            ResponseFailure::BadMac
+        );
+        // During a rollover, hosts on either key can check it.
+        let mut out = Vec::new();
+        write_signed_notification(
+            &mut out,
+            &[key(0), key(1)],
+            "agent_ready",
+            Some(&params),
+            NOW,
+            &NONCE,
+        )
+        .unwrap();
+        let n = match parse_from_agent(&out).unwrap() {
+            FromAgent::Notification(n) => n,
+            other => panic!("{other:?}"),
+        };
+        assert!(verify_notification(&key(0), &n).is_ok());
+        assert!(verify_notification(&key(1), &n).is_ok());
+        assert_eq!(
+            verify_notification(&key(2), &n).unwrap_err(),
             ResponseFailure::BadMac
         );
     }

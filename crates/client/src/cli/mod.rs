@@ -18,7 +18,7 @@ use kvm_agent_client::protocol::methods::info::{GetInfoParams, GetMetricsParams,
 use kvm_agent_client::protocol::methods::power::{PowerAction, PowerParams};
 use kvm_agent_client::protocol::methods::{self as m, Method};
 use kvm_agent_client::protocol::ErrorCode;
-use kvm_agent_client::{Client, ClientError, ClientOptions, ErrorKind, Target};
+use kvm_agent_client::{AuthKey, Client, ClientError, ClientOptions, ErrorKind, Target};
 use serde_json::Value;
 
 /// Exit status: success.
@@ -44,16 +44,18 @@ Exit codes:
   0  success
   1  the agent answered with an error (its message and data go to stderr)
   2  usage error: bad arguments or target, a local file that cannot be read
-     or written, a request too large to send
+     or written (also the --key-file), a request too large to send
   3  could not connect, connection lost, or timed out
-  4  the agent sent something malformed
+  4  the agent sent something malformed, or (with --key-file) an answer
+     without a valid MAC
   exec exits with the remote command's exit code instead
   (128+N when the command was killed by signal N).
 
 Examples:
   kvm-agent-ctl --connect unix:/run/vm1/agent.sock ping
   KVM_AGENT_CONNECT=vsock:42:1024 kvm-agent-ctl caps
-  kvm-agent-ctl -c hvsock:/run/fc/v.sock:1024 exec -- uname -a";
+  kvm-agent-ctl -c hvsock:/run/fc/v.sock:1024 exec -- uname -a
+  kvm-agent-ctl -c vsock:42:1024 --key-file /etc/kvm-agent/vm42.key ping";
 
 /// Talk to a kvm-manager-agent running inside a guest.
 ///
@@ -90,6 +92,12 @@ struct Cli {
         global = true
     )]
     max_frame_bytes: u32,
+
+    /// Sign requests with the shared key in this file (hex, as the agent's
+    /// [security] hmac_key_file) and check the MAC of every answer; for an
+    /// agent with authentication on.
+    #[arg(long, env = "KVM_AGENT_KEY_FILE", value_name = "PATH", global = true)]
+    key_file: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -397,6 +405,10 @@ fn report(f: &Failure, json: bool) -> u8 {
 }
 
 async fn run(cli: Cli, target: Target) -> Outcome {
+    let auth = match &cli.key_file {
+        Some(path) => Some(AuthKey::from_file(path).map_err(|e| Failure::Usage(e.to_string()))?),
+        None => None,
+    };
     let options = ClientOptions {
         call_timeout: cli.timeout,
         connect_timeout: cli.timeout,
@@ -404,6 +416,7 @@ async fn run(cli: Cli, target: Target) -> Outcome {
         max_frame_bytes: cli.max_frame_bytes,
         // One request per invocation: a lost connection is reported, not hidden.
         reconnect: false,
+        auth,
         ..ClientOptions::default()
     };
     let json = cli.json;
