@@ -20,6 +20,9 @@
 //!   is followed by the reply the agent sends: a `json error` or
 //!   `json response` block, or ```` ```text noreply ```` when none is sent.
 //!
+//! - ```` ```LANG auth-NAME ````: the authentication worked example,
+//!   checked by `auth_example.rs`.
+//!
 //! Any other `json` or `hex` block is an error, so nothing escapes checking.
 //!
 //! Reading the document (blocks, tags, hex dumps) is in `spec_doc`, shared
@@ -475,6 +478,8 @@ fn every_example_matches_the_types() {
                 oversize_reply(&bytes).map(|owed| expecting = Some((owed, false, b.line))),
             ),
             Kind::NoReply => ("noreply", Ok(())),
+            // Checked by auth_example.rs.
+            Kind::AuthExample(_) => continue,
             Kind::Unchecked => continue,
         };
         match outcome {

@@ -85,6 +85,9 @@ pub enum Kind {
     Oversize(Vec<u8>),
     /// ```` ```text noreply ````: the agent sends nothing.
     NoReply,
+    /// ```` ```LANG auth-NAME ````: part of the authentication worked example
+    /// (§13.5), checked by `auth_example.rs`; holds `auth-NAME`.
+    AuthExample(String),
     /// Not an example (shell commands, configuration, diagrams).
     Unchecked,
 }
@@ -104,6 +107,9 @@ impl Kind {
 pub fn kind(b: &Block) -> Result<Kind, String> {
     let tags: Vec<&str> = b.tags.iter().map(String::as_str).collect();
     Ok(match (b.lang.as_str(), tags.as_slice()) {
+        ("json" | "hex" | "text", [t]) if t.starts_with("auth-") => {
+            Kind::AuthExample((*t).to_owned())
+        }
         ("json", ["request"]) => Kind::Request,
         ("json", ["response", methods @ ..]) if !methods.is_empty() => {
             Kind::Response(methods.iter().map(|m| (*m).to_owned()).collect())
