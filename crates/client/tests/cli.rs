@@ -344,3 +344,145 @@ fn env_var_names_the_target() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["rtt_ms"].is_number());
 }
+
+/// A fake agent with authentication on (key 0x00..0x1f): signs agent_ready
+/// and its answers to `ping`, refuses requests that do not verify with an
+/// unsigned -32008, as the real agent does.
+fn signing_fake() -> Fake {
+    use kvm_agent_client::protocol::auth::{self, Key, ResponseSigner};
+    use kvm_agent_client::protocol::jsonrpc::{self, Incoming};
+    let dir = temp_dir();
+    let sock = dir.join("agent.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let key = Key::from_bytes(&(0u8..32).collect::<Vec<_>>()).unwrap();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let key = key.clone();
+            std::thread::spawn(move || {
+                let ready = json!({"agent_version": "0.0.0-fake", "protocol_version": "1.0",
+                    "boot_id": "b0", "os_family": "linux"});
+                let mut out = Vec::new();
+                auth::write_signed_notification(
+                    &mut out,
+                    std::slice::from_ref(&key),
+                    "agent_ready",
+                    Some(&ready),
+                    now(),
+                    &[9; 16],
+                )
+                .unwrap();
+                send(&mut stream, &out);
+                loop {
+                    let mut len = [0u8; 4];
+                    if stream.read_exact(&mut len).is_err() {
+                        return;
+                    }
+                    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+                    if stream.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let Incoming::Single(Ok(req)) = jsonrpc::parse_frame(&body, 16) else {
+                        panic!("the client sent a bad frame");
+                    };
+                    let id = req.id.clone().unwrap();
+                    let mut out = Vec::new();
+                    match auth::verify_request(std::slice::from_ref(&key), &req, now(), 300_000) {
+                        Ok(v) => {
+                            let signer = ResponseSigner::new(
+                                key.clone(),
+                                req.raw_id.as_deref().unwrap().get().to_owned(),
+                                v.nonce,
+                            );
+                            let result =
+                                serde_json::value::RawValue::from_string("{}".into()).unwrap();
+                            auth::write_signed_response(&mut out, &id, Ok(&result), &signer, now());
+                        }
+                        Err(f) => jsonrpc::write_response(&mut out, &id, Err(&f.error())),
+                    }
+                    send(&mut stream, &out);
+                }
+            });
+        }
+    });
+    Fake {
+        dir,
+        sock,
+        requests: Arc::new(Mutex::new(Vec::new())),
+    }
+}
+
+#[test]
+fn key_file_signs_requests_and_verifies_answers() {
+    let agent = signing_fake();
+    let keys = temp_dir();
+    let hex = |first: u8| {
+        (first..first + 32)
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let good = keys.join("good.key");
+    std::fs::write(&good, format!("{}\n", hex(0))).unwrap();
+    let wrong = keys.join("wrong.key");
+    std::fs::write(&wrong, hex(1)).unwrap();
+    let good_arg = good.display().to_string();
+
+    let out = ctl(&agent, &["--key-file", &good_arg, "ping"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("pong from unix:"));
+
+    // The same key from the environment.
+    let out = Command::new(env!("CARGO_BIN_EXE_kvm-agent-ctl"))
+        .env(
+            "KVM_AGENT_CONNECT",
+            format!("unix:{}", agent.sock.display()),
+        )
+        .env("KVM_AGENT_KEY_FILE", &good)
+        .arg("ping")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    // Without a key: the agent's -32008 (exit 1).
+    let out = ctl(&agent, &["ping"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("authentication_failed"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // The wrong key: agent_ready does not verify (exit 4).
+    let out = ctl(
+        &agent,
+        &["--key-file", &wrong.display().to_string(), "ping"],
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("response authentication failed"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A key file that is missing or not a key: usage error (exit 2).
+    let missing = keys.join("missing.key");
+    let out = ctl(
+        &agent,
+        &["--key-file", &missing.display().to_string(), "ping"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    std::fs::write(&wrong, "not hex").unwrap();
+    let out = ctl(
+        &agent,
+        &["--key-file", &wrong.display().to_string(), "ping"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("hex"), "{}", text(&out.stderr));
+    let _ = std::fs::remove_dir_all(&keys);
+}
