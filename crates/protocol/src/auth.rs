@@ -365,8 +365,12 @@ pub fn verify_request(
 }
 
 /// What the agent needs to sign the response to an authenticated request.
+/// Cheap to clone (one pointer).
 #[derive(Clone, Debug)]
-pub struct ResponseSigner {
+pub struct ResponseSigner(Arc<SignerInner>);
+
+#[derive(Debug)]
+struct SignerInner {
     key: Key,
     raw_id: String,
     nonce: String,
@@ -376,16 +380,16 @@ impl ResponseSigner {
     /// Sign with `key` the response to the request whose id text was
     /// `raw_id` and whose nonce was `nonce`.
     pub fn new(key: Key, raw_id: String, nonce: String) -> Self {
-        Self { key, raw_id, nonce }
+        Self(Arc::new(SignerInner { key, raw_id, nonce }))
     }
 
     /// The `auth` member for a response with this exact `result` (`Ok`) or
     /// `error` (`Err`) text, signed at `ts`.
     pub fn sign(&self, ts: u64, outcome: Result<&str, &str>) -> ResponseAuth {
-        let canonical = response_canonical(&self.raw_id, &self.nonce, ts, outcome);
+        let canonical = response_canonical(&self.0.raw_id, &self.0.nonce, ts, outcome);
         ResponseAuth {
             ts,
-            mac: to_hex(&self.key.mac(&canonical)),
+            mac: to_hex(&self.0.key.mac(&canonical)),
         }
     }
 }

@@ -114,7 +114,7 @@ fn worked_example_reproduces_byte_for_byte() {
         Incoming::Single(Ok(r)) => r,
         other => panic!("{other:?}"),
     };
-    let verified = auth::verify_request(&[key.clone()], &req, ts, 300_000).unwrap();
+    let verified = auth::verify_request(std::slice::from_ref(&key), &req, ts, 300_000).unwrap();
     assert_eq!(verified.nonce, nonce);
 
     // The response.
