@@ -27,7 +27,10 @@ async fn main() {
         .expect("usage: method_latency TARGET [ITERATIONS]")
         .parse()
         .expect("a target such as unix:/tmp/kva.sock");
-    let n: usize = args.next().map(|s| s.parse().expect("a count")).unwrap_or(1000);
+    let n: usize = args
+        .next()
+        .map(|s| s.parse().expect("a count"))
+        .unwrap_or(1000);
     let client = Client::connect(target, ClientOptions::default())
         .await
         .expect("connect");
