@@ -123,6 +123,18 @@ pub struct LimitsSection {
     /// Host connections served at once on listening transports.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// Largest file `file_open` writes or `copy_*` moves, in bytes.
+    #[serde(default = "default_max_file_bytes")]
+    pub max_file_bytes: u64,
+    /// File handles one connection may have open at once.
+    #[serde(default = "default_max_file_handles_per_connection")]
+    pub max_file_handles_per_connection: u32,
+    /// File handles open at once across the agent.
+    #[serde(default = "default_max_file_handles_total")]
+    pub max_file_handles_total: u32,
+    /// A file handle unused this long is closed (an upload discarded).
+    #[serde(default = "default_file_handle_idle_seconds")]
+    pub file_handle_idle_seconds: u64,
 }
 
 impl Default for LimitsSection {
@@ -133,6 +145,10 @@ impl Default for LimitsSection {
             max_requests_per_connection: default_max_requests_per_connection(),
             max_requests_total: default_max_requests_total(),
             max_connections: default_max_connections(),
+            max_file_bytes: default_max_file_bytes(),
+            max_file_handles_per_connection: default_max_file_handles_per_connection(),
+            max_file_handles_total: default_max_file_handles_total(),
+            file_handle_idle_seconds: default_file_handle_idle_seconds(),
         }
     }
 }
@@ -151,6 +167,18 @@ fn default_max_requests_total() -> u32 {
 }
 fn default_max_connections() -> u32 {
     64
+}
+fn default_max_file_bytes() -> u64 {
+    64 << 30
+}
+fn default_max_file_handles_per_connection() -> u32 {
+    16
+}
+fn default_max_file_handles_total() -> u32 {
+    64
+}
+fn default_file_handle_idle_seconds() -> u64 {
+    600
 }
 
 impl LimitsSection {
@@ -451,10 +479,24 @@ impl Config {
             ),
             ("limits.max_requests_total", l.max_requests_total),
             ("limits.max_connections", l.max_connections),
+            (
+                "limits.max_file_handles_per_connection",
+                l.max_file_handles_per_connection,
+            ),
+            ("limits.max_file_handles_total", l.max_file_handles_total),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1".into()));
             }
+        }
+        if !(1..=7 * 86_400).contains(&l.file_handle_idle_seconds) {
+            return Err(invalid(
+                "limits.file_handle_idle_seconds",
+                format!(
+                    "must be between 1 and 604800 (got {})",
+                    l.file_handle_idle_seconds
+                ),
+            ));
         }
         for (i, m) in self.security.disabled_methods.iter().enumerate() {
             if MethodName::from_name(m).is_none() {

@@ -36,6 +36,9 @@ pub struct Context {
     pub stats: Stats,
     /// The previous `get_metrics` sample, agent-wide.
     pub metrics: MetricsState,
+    /// Open file handles (`file_open`).
+    #[cfg(unix)]
+    pub files: Arc<crate::files::table::FileTable>,
 }
 
 /// Counters reported when the agent stops.
@@ -73,6 +76,12 @@ impl Context {
         auditor: Arc<Auditor>,
         auth: Authenticator,
     ) -> Arc<Self> {
+        #[cfg(unix)]
+        let files = crate::files::table::FileTable::new(crate::files::table::TableLimits {
+            per_connection: config.limits.max_file_handles_per_connection,
+            total: config.limits.max_file_handles_total,
+            idle: std::time::Duration::from_secs(config.limits.file_handle_idle_seconds),
+        });
         Arc::new(Self {
             auditor,
             auth,
@@ -83,6 +92,8 @@ impl Context {
             shutdown,
             stats: Stats::default(),
             metrics: MetricsState::with_baseline(),
+            #[cfg(unix)]
+            files,
         })
     }
 

@@ -35,6 +35,9 @@ pub enum DispatchError {
     /// `get_users` failed.
     #[error(transparent)]
     Users(#[from] handlers::users::UsersError),
+    /// A file method failed.
+    #[error(transparent)]
+    Files(#[from] crate::files::FileError),
     /// Part of the protocol, but this agent has no handler for it yet.
     #[error("{0} is not implemented by this agent yet")]
     NotImplemented(MethodName),
@@ -57,6 +60,7 @@ impl From<&DispatchError> for ErrorObject {
             DispatchError::Info(e) => e.into(),
             DispatchError::Metrics(e) => e.into(),
             DispatchError::Users(e) => e.into(),
+            DispatchError::Files(e) => e.into(),
             DispatchError::AuditUnavailable(m) => ErrorObject::with_message(
                 ErrorCode::Denied,
                 "Denied: the audit trail cannot be written",
@@ -174,6 +178,13 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
     let call = match prepare(ctx, &method, params.as_deref()) {
         Ok(call) => call,
         Err(e) => {
+            let mut audit = audit;
+            if let DispatchError::Denied(p) = &e {
+                if let Some((path, reason)) = p.path_refusal() {
+                    audit.detail("path", path);
+                    audit.detail("reason", reason.as_str());
+                }
+            }
             let decision = match e {
                 DispatchError::Denied(_) => Decision::Denied,
                 _ => Decision::Invalid,
@@ -212,7 +223,11 @@ pub fn is_privileged(call: &Call) -> bool {
         | Call::ExecKill(_)
         | Call::CopyToGuest(_)
         | Call::FileWrite(_) => true,
+        // Opening for writing creates a temporary file; closing a write
+        // handle commits it (closing a read handle is refused too while the
+        // trail is down: it expires on its own).
         Call::FileOpen(p) => p.access == Access::Write,
+        Call::FileClose(_) => true,
         _ => false,
     }
 }
@@ -236,10 +251,13 @@ impl Admitted {
     /// Run the call and record its outcome. Returns the id and the result.
     pub async fn run(self, ctx: &Context) -> (Option<Id>, Result<Box<RawValue>, ErrorObject>) {
         let Admitted {
-            id, call, audit, ..
+            id,
+            call,
+            mut audit,
+            ..
         } = self;
         let method = call.method();
-        let result = execute(ctx, call).await.map_err(|e| {
+        let result = execute(ctx, call, &mut audit).await.map_err(|e| {
             log::debug!("{method}: {e}");
             ErrorObject::from(&e)
         });
@@ -259,11 +277,23 @@ pub fn is_implemented(method: MethodName) -> bool {
             | MethodName::GetInfo
             | MethodName::GetMetrics
             | MethodName::GetUsers
+            | MethodName::CopyToGuest
+            | MethodName::CopyFromGuest
+            | MethodName::FileOpen
+            | MethodName::FileRead
+            | MethodName::FileWrite
+            | MethodName::FileClose
     )
 }
 
-/// Run a prepared call to its result.
-pub async fn execute(ctx: &Context, call: Call) -> Result<Box<RawValue>, DispatchError> {
+/// Run a prepared call to its result. Handlers add their facts (paths,
+/// sizes, hashes, exit codes) to the request's audit record.
+pub async fn execute(
+    ctx: &Context,
+    call: Call,
+    audit: &mut PendingAudit,
+) -> Result<Box<RawValue>, DispatchError> {
+    use handlers::files;
     match call {
         Call::Ping(p) => encode::<methods::PingMethod>(handlers::ping::ping(p)),
         Call::GetCapabilities(p) => {
@@ -274,18 +304,24 @@ pub async fn execute(ctx: &Context, call: Call) -> Result<Box<RawValue>, Dispatc
             encode::<methods::GetMetricsMethod>(handlers::metrics::get(ctx, p).await?)
         }
         Call::GetUsers(p) => encode::<methods::GetUsersMethod>(handlers::users::get(ctx, p).await?),
+        Call::CopyToGuest(p) => {
+            encode::<methods::CopyToGuestMethod>(files::copy_to_guest(ctx, p, audit).await?)
+        }
+        Call::CopyFromGuest(p) => Ok(files::copy_from_guest(ctx, p, audit).await?),
+        Call::FileOpen(p) => encode::<methods::FileOpenMethod>(files::open(ctx, p, audit).await?),
+        Call::FileRead(p) => Ok(files::read(ctx, p, audit).await?),
+        Call::FileWrite(p) => {
+            encode::<methods::FileWriteMethod>(files::write(ctx, p, audit).await?)
+        }
+        Call::FileClose(p) => {
+            encode::<methods::FileCloseMethod>(files::close(ctx, p, audit).await?)
+        }
         Call::Shutdown(_)
         | Call::Reboot(_)
         | Call::Exec(_)
         | Call::ExecStart(_)
         | Call::ExecStatus(_)
-        | Call::ExecKill(_)
-        | Call::CopyToGuest(_)
-        | Call::CopyFromGuest(_)
-        | Call::FileOpen(_)
-        | Call::FileRead(_)
-        | Call::FileWrite(_)
-        | Call::FileClose(_) => Err(DispatchError::NotImplemented(call.method())),
+        | Call::ExecKill(_) => Err(DispatchError::NotImplemented(call.method())),
     }
 }
 
@@ -521,7 +557,12 @@ mod tests {
     async fn run(ctx: &Context, method: &str, params: Option<&str>) -> Result<String, ErrorObject> {
         let raw = params.map(|p| RawValue::from_string(p.to_owned()).unwrap());
         let call = prepare(ctx, method, raw.as_deref()).map_err(|e| ErrorObject::from(&e))?;
-        execute(ctx, call)
+        let origin = Origin::new(&crate::transport::Peer::Unix {
+            pid: None,
+            uid: None,
+        });
+        let mut audit = PendingAudit::open(ctx.auditor.clone(), &origin, Some(method), None);
+        execute(ctx, call, &mut audit)
             .await
             .map(|r| r.get().to_owned())
             .map_err(|e| ErrorObject::from(&e))
@@ -596,11 +637,11 @@ mod tests {
                 .await
                 .unwrap_err();
             assert_eq!(e.kind(), Some(ErrorCode::Denied), "exec is off by default");
-            let e = run(&ctx, "copy_from_guest", Some(r#"{"path":"/tmp/x"}"#))
+            let e = run(&ctx, "copy_from_guest", Some(r#"{"path":"/etc/shadow"}"#))
                 .await
                 .unwrap_err();
-            assert_eq!(e.kind(), Some(ErrorCode::NotImplemented));
-            assert_eq!(e.data.unwrap()["method"], "copy_from_guest");
+            assert_eq!(e.kind(), Some(ErrorCode::Denied));
+            assert_eq!(e.data.unwrap()["reason"], "outside_allowed");
         });
     }
 
@@ -617,7 +658,13 @@ mod tests {
                     "get_capabilities",
                     "get_info",
                     "get_metrics",
-                    "get_users"
+                    "get_users",
+                    "copy_to_guest",
+                    "copy_from_guest",
+                    "file_open",
+                    "file_read",
+                    "file_write",
+                    "file_close"
                 ])
             );
             assert_eq!(caps["limits"]["max_frame_bytes"], 16 * 1024 * 1024);

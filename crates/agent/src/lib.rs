@@ -12,7 +12,9 @@
 //! 4. [`handlers`]: one module per method group; OS specifics live behind
 //!    [`platform`].
 //!
-//! [`server`] starts the transports and stops cleanly on SIGTERM;
+//! [`files`] holds the path rules, the race-free resolver and the handle
+//! table of file transfer. [`server`] starts the transports and stops
+//! cleanly on SIGTERM;
 //! [`config`] reads and validates the configuration file.
 
 pub mod audit;
@@ -22,6 +24,7 @@ pub mod config;
 pub mod connection;
 pub mod context;
 pub mod dispatch;
+pub mod files;
 pub mod handlers;
 pub mod logging;
 pub mod platform;

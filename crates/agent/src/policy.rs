@@ -18,12 +18,32 @@ pub enum PolicyError {
     /// A file method while `security.enable_file_copy` is false.
     #[error("{0} is disabled: security.enable_file_copy is false")]
     FileCopyDisabled(MethodName),
+    /// A file method's path fails the lexical rules of
+    /// `security.allowed_file_paths` ([`crate::files::path`]).
+    #[error("{method}: {path:?}: {}", reason.describe())]
+    Path {
+        /// The method.
+        method: MethodName,
+        /// The path as given.
+        path: String,
+        /// Why it is refused.
+        reason: crate::files::Reason,
+    },
 }
 
 impl PolicyError {
+    /// For a refused file path: the path and the reason.
+    pub fn path_refusal(&self) -> Option<(&str, crate::files::Reason)> {
+        match self {
+            Self::Path { path, reason, .. } => Some((path, *reason)),
+            _ => None,
+        }
+    }
+
     fn method(&self) -> MethodName {
         match self {
             Self::MethodDisabled(m) | Self::ExecDisabled(m) | Self::FileCopyDisabled(m) => *m,
+            Self::Path { method, .. } => *method,
         }
     }
 
@@ -32,12 +52,25 @@ impl PolicyError {
             Self::MethodDisabled(_) => "security.disabled_methods",
             Self::ExecDisabled(_) => "security.enable_exec",
             Self::FileCopyDisabled(_) => "security.enable_file_copy",
+            Self::Path { .. } => crate::files::PATH_CONFIG_KEY,
         }
     }
 }
 
 impl From<&PolicyError> for ErrorObject {
     fn from(e: &PolicyError) -> Self {
+        if let PolicyError::Path {
+            method,
+            path,
+            reason,
+        } = e
+        {
+            return ErrorObject::from(&crate::files::FileError::Refused {
+                method: *method,
+                path: path.clone(),
+                reason: *reason,
+            });
+        }
         ErrorObject::with_message(ErrorCode::Denied, format!("Denied by policy: {e}"))
             .data(serde_json::json!({ "method": e.method().as_str(), "config_key": e.key() }))
     }
@@ -50,6 +83,7 @@ pub struct Policy {
     disabled: Vec<MethodName>,
     exec: bool,
     file_copy: bool,
+    file_roots: Vec<std::path::PathBuf>,
 }
 
 impl Policy {
@@ -59,12 +93,34 @@ impl Policy {
             disabled: config.disabled_methods(),
             exec: config.security.enable_exec,
             file_copy: config.security.enable_file_copy,
+            file_roots: config.security.allowed_file_paths.clone(),
         }
     }
 
     /// Whether `call` may run.
     pub fn check(&self, call: &Call) -> Result<(), PolicyError> {
-        self.check_method(call.method())
+        self.check_method(call.method())?;
+        self.check_file_path(call)
+    }
+
+    /// The lexical path rules for the file methods that name a path
+    /// (absolute, no NUL, no `..`, inside an allowed directory); what the
+    /// path leads to on disk is checked race-free by the handler
+    /// ([`crate::files::resolve`]).
+    pub fn check_file_path(&self, call: &Call) -> Result<(), PolicyError> {
+        let path = match call {
+            Call::CopyToGuest(p) => &p.path,
+            Call::CopyFromGuest(p) => &p.path,
+            Call::FileOpen(p) => &p.path,
+            _ => return Ok(()),
+        };
+        crate::files::path::check(path, &self.file_roots)
+            .map(drop)
+            .map_err(|reason| PolicyError::Path {
+                method: call.method(),
+                path: path.clone(),
+                reason,
+            })
     }
 
     /// Whether `method` may run at all (what `get_capabilities` lists).

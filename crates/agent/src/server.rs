@@ -62,6 +62,13 @@ async fn serve(config: Config, transports: Vec<TransportSpec>) -> Result<(), Ser
         log::info!("authentication on: every request must carry a valid HMAC");
     }
     let ctx = Context::new(config, shutdown.clone(), auth).map_err(ServerError::Audit)?;
+    #[cfg(unix)]
+    if ctx.config.security.enable_file_copy {
+        // Uploads cut short by a crash: their temporaries go, off the
+        // start-up path (live ones are locked and left alone).
+        let roots = ctx.config.security.allowed_file_paths.clone();
+        tokio::task::spawn_blocking(move || crate::files::upload::remove_stale(&roots));
+    }
     let mut listeners = JoinSet::new();
     for spec in transports {
         start_transport(&ctx, spec, &mut listeners)?;

@@ -47,6 +47,12 @@ fn client_talks_to_the_agent() {
                 MethodName::GetInfo.as_str(),
                 MethodName::GetMetrics.as_str(),
                 MethodName::GetUsers.as_str(),
+                MethodName::CopyToGuest.as_str(),
+                MethodName::CopyFromGuest.as_str(),
+                MethodName::FileOpen.as_str(),
+                MethodName::FileRead.as_str(),
+                MethodName::FileWrite.as_str(),
+                MethodName::FileClose.as_str(),
             ]
         );
         assert_eq!(caps.limits.max_frame_bytes, 16 << 20);
@@ -62,11 +68,11 @@ fn client_talks_to_the_agent() {
         let err = client
             .call_raw(
                 "copy_from_guest",
-                Some(serde_json::json!({"path": "/tmp/x"})),
+                Some(serde_json::json!({"path": "/etc/shadow"})),
             )
             .await
-            .expect_err("copy_from_guest has no handler yet");
-        assert_eq!(err.error_code(), Some(ErrorCode::NotImplemented));
+            .expect_err("outside the allowed directories");
+        assert_eq!(err.error_code(), Some(ErrorCode::Denied));
     });
 }
 

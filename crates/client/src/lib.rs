@@ -24,6 +24,8 @@ mod auth;
 mod client;
 mod connection;
 mod error;
+#[cfg(unix)]
+pub mod files;
 mod target;
 mod transport;
 

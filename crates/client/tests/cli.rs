@@ -147,6 +147,17 @@ fn standard(req: &Value) -> Option<Value> {
             req,
             json!({"path": p["path"], "size": 5, "sha256": p["sha256"]}),
         ),
+        // Chunked transfers of local files: a 5-byte guest file "hello".
+        "file_open" if p["access"] == "read" => ok(req, json!({"handle": 7, "size": 5})),
+        "file_open" => ok(req, json!({"handle": 8, "size": null})),
+        "file_read" if p["offset"] == 0 => ok(req, json!({"data_base64": "aGVsbG8=", "eof": true})),
+        "file_read" => ok(req, json!({"data_base64": "", "eof": true})),
+        "file_write" => ok(req, json!({"written": 5})),
+        "file_close" => ok(
+            req,
+            json!({"size": 5, "committed": p["handle"] == 8,
+                "sha256": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}),
+        ),
         "garbage" => Some(Value::String("{not json".into())),
         "hang" => None,
         m => error(req, -32010, "Not implemented", json!({"method": m})),
@@ -284,6 +295,24 @@ fn cp_both_ways() {
 
     let out = ctl(&agent, &["cp", "a", "b"]);
     assert_eq!(out.status.code(), Some(2));
+
+    // A local file goes in chunks, verified at close.
+    let local = agent.dir.join("local");
+    std::fs::write(&local, "hello").unwrap();
+    let out = ctl(&agent, &["cp", local.to_str().unwrap(), "guest:/tmp/y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("sha256 2cf24dba"),
+        "{}",
+        text(&out.stdout)
+    );
+    let reqs = agent.requests.lock().unwrap().clone();
+    let close = reqs.iter().rfind(|r| r["method"] == "file_close").unwrap();
+    assert_eq!(close["params"]["size"], 5);
+    assert_eq!(
+        close["params"]["sha256"],
+        "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    );
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //!
 //! - [`auth`]: HMAC-SHA256 authentication of requests, responses and
 //!   `agent_ready` (canonical forms, signing, verification).
+//! - [`codec`]: base64 and SHA-256 of file contents.
 //! - [`frame`]: length-prefixed framing and its decoder.
 //! - [`jsonrpc`]: JSON-RPC 2.0 request and response handling.
 //! - [`error`]: the error codes that reach the wire.
@@ -13,6 +14,7 @@
 //! these types by `tests/spec_examples.rs`.
 
 pub mod auth;
+pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod jsonrpc;

@@ -235,6 +235,7 @@ fn now_ms() -> u64 {
 pub struct Origin {
     transport: &'static str,
     peer: String,
+    connection: u64,
 }
 
 impl Origin {
@@ -245,10 +246,18 @@ impl Origin {
             Peer::Vsock { .. } => "vsock",
             Peer::Unix { .. } => "unix",
         };
+        static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
         Self {
             transport,
             peer: peer.to_string(),
+            connection: CONNECTIONS.fetch_add(1, Ordering::Relaxed),
         }
+    }
+
+    /// A number unique to this origin (one per connection), for limits
+    /// that count per connection.
+    pub fn connection(&self) -> u64 {
+        self.connection
     }
 }
 
@@ -260,6 +269,7 @@ pub struct PendingAudit {
     auditor: Arc<Auditor>,
     record: Option<AuditRecord>,
     started: Instant,
+    connection: u64,
 }
 
 impl PendingAudit {
@@ -286,7 +296,13 @@ impl PendingAudit {
                 details: Map::new(),
             }),
             started: Instant::now(),
+            connection: origin.connection,
         }
+    }
+
+    /// The connection the request came on ([`Origin::connection`]).
+    pub fn connection(&self) -> u64 {
+        self.connection
     }
 
     /// Add a method-specific fact.

@@ -3,6 +3,8 @@
 mod codec;
 mod output;
 mod prometheus;
+#[cfg(unix)]
+mod transfer;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -167,9 +169,14 @@ enum Command {
     Exec(ExecArgs),
     /// Copy one file to or from the guest; exactly one side is guest:/PATH.
     ///
-    /// The whole file travels in one message, so it must fit in a frame
-    /// (16 MiB by default, less base64 overhead). Its SHA-256 is checked on
-    /// both ways. A local SRC or DST of "-" means standard input or output.
+    /// Local files of any size travel in chunks (file_open, file_write or
+    /// file_read, file_close), several in flight, with a progress bar on a
+    /// terminal; the SHA-256 of the whole file is checked at both ends. A
+    /// download goes to DST.kva-part and is renamed into place once verified.
+    /// --resume continues an interrupted copy: an upload from what the agent
+    /// still holds of it, a download from the partial local file. A local SRC
+    /// or DST of "-" (standard input or output) travels in one message and
+    /// must fit in a frame.
     ///
     /// Example (to the guest): kvm-agent-ctl -c vsock:42:1024 cp ./app.conf guest:/etc/app/app.conf --overwrite
     ///
@@ -265,6 +272,9 @@ struct CpArgs {
     /// Create missing parent directories in the guest.
     #[arg(long)]
     parents: bool,
+    /// Continue an interrupted copy instead of starting over.
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Debug, Args)]
@@ -724,6 +734,14 @@ async fn cp(client: &Client, args: CpArgs, json: bool) -> Outcome {
         (Some(_), Some(_)) | (None, None) => Err(Failure::Usage(
             "cp needs exactly one side of the form guest:/PATH".into(),
         )),
+        #[cfg(unix)]
+        (None, Some(guest)) if args.src != "-" => {
+            transfer::upload(client, &args, guest, json).await
+        }
+        #[cfg(unix)]
+        (Some(guest), None) if args.dst != "-" => {
+            transfer::download(client, &args, guest, json).await
+        }
         (None, Some(guest)) => {
             let content = if args.src == "-" {
                 let mut buf = Vec::new();
@@ -743,6 +761,8 @@ async fn cp(client: &Client, args: CpArgs, json: bool) -> Outcome {
                 mode: args.mode,
                 create_parents: args.parents,
                 sha256: Some(sha256.clone()),
+                uid: None,
+                gid: None,
             };
             let r = client.copy_to_guest(&params).await?;
             if r.sha256 != sha256 || r.size != content.len() as u64 {

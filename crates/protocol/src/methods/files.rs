@@ -22,6 +22,14 @@ pub struct CopyToGuestParams {
     /// Expected sha256, lower-case hex; the file is committed only on a match.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Owner of the new file (only when the agent runs as root; default:
+    /// the agent's user).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// Group of the new file (only when the agent runs as root; default:
+    /// the agent's group).
+    #[serde(default)]
+    pub gid: Option<u32>,
 }
 
 /// A file written and committed.
@@ -81,6 +89,17 @@ pub struct FileOpenParams {
     /// Writing: create missing parent directories inside the allowed directory.
     #[serde(default)]
     pub create_parents: bool,
+    /// Writing: owner of the new file (only when the agent runs as root).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// Writing: group of the new file (only when the agent runs as root).
+    #[serde(default)]
+    pub gid: Option<u32>,
+    /// Writing: continue an unfinished upload to the same path (its handle
+    /// is returned, with `size` = the bytes it holds contiguously from
+    /// offset 0); a new upload is started when there is none.
+    #[serde(default)]
+    pub resume: bool,
 }
 
 /// Result of `file_open`.
@@ -88,7 +107,9 @@ pub struct FileOpenParams {
 pub struct FileOpened {
     /// Handle for the other `file_*` methods.
     pub handle: u64,
-    /// Reading: the file's size when opened.
+    /// Reading: the file's size when opened. Writing: `null` for a new
+    /// upload; for a resumed one, the bytes it holds contiguously from
+    /// offset 0 (continue from there).
     pub size: Option<u64>,
 }
 

@@ -1,0 +1,305 @@
+//! File transfer: the path rules, the race-free resolver, the table of open
+//! handles and atomic uploads.
+//!
+//! - [`path`]: the lexical checks the dispatcher's policy runs for every
+//!   file call (absolute, no NUL, no `..`, inside an allowed directory).
+//! - [`resolve`]: the race-free resolution beneath the allowed directory
+//!   (openat2 with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV`,
+//!   or an `O_NOFOLLOW` walk from the directory's fd where openat2 is
+//!   missing or filtered), and the checks on what it finds.
+//! - [`upload`]: temporary files, commit by rename, clean-up at start-up.
+//! - [`table`]: open handles, their limits and expiry, and the running
+//!   SHA-256 of each transfer.
+//!
+//! The handlers of the six methods are in [`crate::handlers::files`].
+
+pub mod path;
+#[cfg(unix)]
+pub mod resolve;
+#[cfg(unix)]
+pub mod table;
+#[cfg(unix)]
+pub mod upload;
+
+#[cfg(all(test, unix))]
+mod tests;
+
+use kvm_agent_protocol::{ErrorCode, ErrorObject, MethodName};
+use serde_json::json;
+
+/// Why a path or the file it names is refused: the `reason` of a -32000
+/// error, also written to the audit record. The set is fixed within a major
+/// protocol version (docs/protocol.md, "File paths").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The path is empty.
+    Empty,
+    /// Not absolute.
+    Relative,
+    /// Contains a NUL character.
+    Nul,
+    /// Has a `..` component.
+    DotDot,
+    /// Not inside any of `allowed_file_paths`.
+    OutsideAllowed,
+    /// Longer than `PATH_MAX`, or a component longer than `NAME_MAX`.
+    TooLong,
+    /// A symbolic link, anywhere in the path below the allowed directory.
+    Symlink,
+    /// A component other than the last is not a directory.
+    NotADirectory,
+    /// A directory where a file is expected (also the allowed directory
+    /// itself, and a path ending in `/`).
+    Directory,
+    /// A FIFO (named pipe).
+    Fifo,
+    /// A unix socket.
+    Socket,
+    /// A character or block device.
+    Device,
+    /// A regular file with more than one hard link.
+    HardLink,
+    /// The path crosses into another file system (a mount point below the
+    /// allowed directory).
+    MountCrossing,
+    /// The allowed directory itself is a symbolic link or not a directory.
+    RootNotDirectory,
+    /// The name is one the agent uses for its temporary files.
+    ReservedName,
+}
+
+impl Reason {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Empty => "empty",
+            Reason::Relative => "relative",
+            Reason::Nul => "nul",
+            Reason::DotDot => "dotdot",
+            Reason::OutsideAllowed => "outside_allowed",
+            Reason::TooLong => "too_long",
+            Reason::Symlink => "symlink",
+            Reason::NotADirectory => "not_a_directory",
+            Reason::Directory => "directory",
+            Reason::Fifo => "fifo",
+            Reason::Socket => "socket",
+            Reason::Device => "device",
+            Reason::HardLink => "hard_link",
+            Reason::MountCrossing => "mount_crossing",
+            Reason::RootNotDirectory => "root_not_directory",
+            Reason::ReservedName => "reserved_name",
+        }
+    }
+
+    /// Every reason, for documentation checks.
+    pub const ALL: [Reason; 16] = [
+        Reason::Empty,
+        Reason::Relative,
+        Reason::Nul,
+        Reason::DotDot,
+        Reason::OutsideAllowed,
+        Reason::TooLong,
+        Reason::Symlink,
+        Reason::NotADirectory,
+        Reason::Directory,
+        Reason::Fifo,
+        Reason::Socket,
+        Reason::Device,
+        Reason::HardLink,
+        Reason::MountCrossing,
+        Reason::RootNotDirectory,
+        Reason::ReservedName,
+    ];
+
+    /// A phrase for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Reason::Empty => "the path is empty",
+            Reason::Relative => "the path is not absolute",
+            Reason::Nul => "the path contains a NUL character",
+            Reason::DotDot => "the path has a '..' component",
+            Reason::OutsideAllowed => "the path is outside the allowed directories",
+            Reason::TooLong => "the path or one of its names is too long",
+            Reason::Symlink => "the path goes through a symbolic link",
+            Reason::NotADirectory => "a component of the path is not a directory",
+            Reason::Directory => "the path names a directory, not a file",
+            Reason::Fifo => "the path names a FIFO",
+            Reason::Socket => "the path names a socket",
+            Reason::Device => "the path names a device",
+            Reason::HardLink => "the file has more than one hard link",
+            Reason::MountCrossing => "the path crosses a mount point",
+            Reason::RootNotDirectory => {
+                "the allowed directory is a symbolic link or not a directory"
+            }
+            Reason::ReservedName => "the name is reserved for the agent's temporary files",
+        }
+    }
+}
+
+/// The config key path refusals name.
+pub const PATH_CONFIG_KEY: &str = "security.allowed_file_paths";
+
+/// Why a file call failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FileError {
+    /// The path is refused: -32000.
+    #[error("{method}: {path:?}: {}", reason.describe())]
+    Refused {
+        /// The method.
+        method: MethodName,
+        /// The path as given.
+        path: String,
+        /// Why.
+        reason: Reason,
+    },
+    /// No such file or directory: -32001 `{"path"}`.
+    #[error("{path}: no such file or directory")]
+    NotFound {
+        /// The path.
+        path: String,
+    },
+    /// No such handle: -32001 `{"handle"}`.
+    #[error("no file handle {handle}")]
+    NoHandle {
+        /// The handle.
+        handle: u64,
+    },
+    /// The target exists and `overwrite` is false: -32002.
+    #[error("{path} exists and overwrite is false")]
+    Exists {
+        /// The path.
+        path: String,
+    },
+    /// An OS call failed: -32003.
+    #[error("{path}: {detail}")]
+    Io {
+        /// The path.
+        path: String,
+        /// errno.
+        os_error: i32,
+        /// Its text.
+        detail: String,
+    },
+    /// Over a size limit: -32005.
+    #[error("{size} bytes is over the limit of {max_bytes}")]
+    TooLarge {
+        /// The limit.
+        max_bytes: u64,
+        /// The size asked for.
+        size: u64,
+    },
+    /// A handle limit: -32009.
+    #[error("{limit} reached ({value})")]
+    Busy {
+        /// `max_file_handles_per_connection` or `max_file_handles_total`.
+        limit: &'static str,
+        /// Its value.
+        value: u32,
+    },
+    /// Params that are well-formed JSON but unusable (bad base64, a read
+    /// handle written to, a size or sha256 mismatch at close): -32602.
+    #[error("{method}: {reason}")]
+    Invalid {
+        /// The method.
+        method: MethodName,
+        /// Machine-readable kind (`base64`, `access`, `size_mismatch`,
+        /// `sha256_mismatch`, `mode`, `sha256`).
+        kind: &'static str,
+        /// Text.
+        reason: String,
+        /// For mismatches: what the host expected.
+        expected: Option<String>,
+        /// For mismatches: what the agent has.
+        actual: Option<String>,
+    },
+    /// Not available on this platform: -32006.
+    #[error("file transfer is not supported on this platform")]
+    Unsupported {
+        /// The method.
+        method: MethodName,
+    },
+}
+
+impl FileError {
+    /// An I/O error on `path`.
+    pub fn io(path: &str, e: &std::io::Error) -> Self {
+        FileError::Io {
+            path: path.to_owned(),
+            os_error: e.raw_os_error().unwrap_or(0),
+            detail: e.to_string(),
+        }
+    }
+
+    /// The refusal reason, when this is one.
+    pub fn reason(&self) -> Option<Reason> {
+        match self {
+            FileError::Refused { reason, .. } => Some(*reason),
+            _ => None,
+        }
+    }
+}
+
+impl From<&FileError> for ErrorObject {
+    fn from(e: &FileError) -> Self {
+        match e {
+            FileError::Refused {
+                method,
+                path,
+                reason,
+            } => ErrorObject::with_message(
+                ErrorCode::Denied,
+                format!("Denied by policy: {}", reason.describe()),
+            )
+            .data(json!({
+                "method": method.as_str(),
+                "config_key": PATH_CONFIG_KEY,
+                "path": path,
+                "reason": reason.as_str(),
+            })),
+            FileError::NotFound { path } => {
+                ErrorObject::new(ErrorCode::NotFound).data(json!({ "path": path }))
+            }
+            FileError::NoHandle { handle } => {
+                ErrorObject::new(ErrorCode::NotFound).data(json!({ "handle": handle }))
+            }
+            FileError::Exists { path } => {
+                ErrorObject::new(ErrorCode::AlreadyExists).data(json!({ "path": path }))
+            }
+            FileError::Io {
+                path,
+                os_error,
+                detail,
+            } => ErrorObject::new(ErrorCode::Io)
+                .data(json!({ "path": path, "os_error": os_error, "detail": detail })),
+            FileError::TooLarge { max_bytes, size } => ErrorObject::new(ErrorCode::PayloadTooLarge)
+                .data(json!({ "max_bytes": max_bytes, "size": size })),
+            FileError::Busy { limit, value } => {
+                ErrorObject::with_message(ErrorCode::Busy, format!("Busy: {limit} reached"))
+                    .data(json!({ "limit": limit, "value": value }))
+            }
+            FileError::Invalid {
+                method,
+                kind,
+                reason,
+                expected,
+                actual,
+            } => {
+                let mut data = json!({ "method": method.as_str(), "reason": reason, "kind": kind });
+                if let Some(x) = expected {
+                    data["expected"] = json!(x);
+                }
+                if let Some(x) = actual {
+                    data["actual"] = json!(x);
+                }
+                ErrorObject::with_message(
+                    ErrorCode::InvalidParams,
+                    format!("Invalid params: {reason}"),
+                )
+                .data(data)
+            }
+            FileError::Unsupported { method } => {
+                ErrorObject::new(ErrorCode::Unsupported).data(json!({ "method": method.as_str() }))
+            }
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! Chunked file transfer with the agent's `file_*` methods: [`upload`] and
+//! [`download`], pipelined, sha256-verified end to end, resumable.
+//!
+//! - Chunks of `chunk_bytes` (default: 1 MiB, at most the agent's
+//!   `max_chunk_bytes`) are sent in order with up to `pipeline` requests in
+//!   flight, so the agent's running hash follows along and neither side
+//!   waits for a round trip per chunk.
+//! - Uploads: the local file is hashed as it is read; `file_close` commits
+//!   only when the agent's size and sha256 equal the local ones.
+//! - Downloads go to `DEST.kva-part` beside the destination, renamed over it
+//!   once the sha256 of what was received equals the agent's.
+//! - `resume`: an upload asks the agent for the unfinished upload to the
+//!   same path (`file_open` with `resume`) and continues from the bytes it
+//!   holds; a download continues from the size of an existing `.kva-part`.
+//!   Either way the whole file's sha256 is checked at the end.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use kvm_agent_protocol::codec::{self, Sha256Stream};
+use kvm_agent_protocol::methods::files::{
+    Access, FileCloseParams, FileOpenParams, FileReadParams, FileWriteParams,
+};
+use tokio::task::JoinSet;
+
+use crate::{Client, ClientError};
+
+/// Suffix of a partial download.
+pub const PART_SUFFIX: &str = ".kva-part";
+
+/// How a transfer runs.
+#[derive(Clone, Debug)]
+pub struct TransferOptions {
+    /// Replace an existing destination.
+    pub overwrite: bool,
+    /// Upload: permission bits of the new file.
+    pub mode: Option<u32>,
+    /// Upload: create missing parent directories in the guest.
+    pub create_parents: bool,
+    /// Continue an interrupted transfer.
+    pub resume: bool,
+    /// Bytes per chunk (capped by the agent's `max_chunk_bytes`).
+    pub chunk_bytes: u32,
+    /// Chunks in flight at once.
+    pub pipeline: usize,
+}
+
+impl Default for TransferOptions {
+    fn default() -> Self {
+        Self {
+            overwrite: false,
+            mode: None,
+            create_parents: false,
+            resume: false,
+            chunk_bytes: 1 << 20,
+            pipeline: 4,
+        }
+    }
+}
+
+/// What a transfer did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transferred {
+    /// The file's size.
+    pub size: u64,
+    /// Its sha256.
+    pub sha256: String,
+    /// Bytes that were already there (resumed), not sent again.
+    pub resumed_from: u64,
+}
+
+/// Why a transfer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// A call failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// A local file could not be read or written.
+    #[error("{path}: {source}")]
+    Local {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The destination exists (and `overwrite` is false).
+    #[error("{0} exists; pass --overwrite to replace it")]
+    Exists(PathBuf),
+    /// What arrived is not what was sent.
+    #[error("verification failed: {0}")]
+    Mismatch(String),
+}
+
+/// Progress callback: bytes done, bytes in all.
+pub type Progress<'a> = &'a mut (dyn FnMut(u64, u64) + Send);
+
+async fn chunk_size(client: &Client, opts: &TransferOptions) -> Result<u32, ClientError> {
+    let caps = client.get_capabilities().await?;
+    Ok(opts
+        .chunk_bytes
+        .clamp(1, caps.limits.max_chunk_bytes.max(1)))
+}
+
+/// Upload the local file `local` to `guest`.
+pub async fn upload(
+    client: &Client,
+    local: &Path,
+    guest: &str,
+    opts: &TransferOptions,
+    progress: Progress<'_>,
+) -> Result<Transferred, TransferError> {
+    let lerr = |source| TransferError::Local {
+        path: local.to_owned(),
+        source,
+    };
+    let mut file = File::open(local).map_err(lerr)?;
+    let total = file.metadata().map_err(lerr)?.len();
+    let chunk = chunk_size(client, opts).await? as usize;
+    let opened = client
+        .file_open(&FileOpenParams {
+            path: guest.to_owned(),
+            access: Access::Write,
+            overwrite: opts.overwrite,
+            mode: opts.mode,
+            create_parents: opts.create_parents,
+            uid: None,
+            gid: None,
+            resume: opts.resume,
+        })
+        .await?;
+    let handle = opened.handle;
+    let mut start = opened.size.unwrap_or(0).min(total);
+    let mut hasher = Sha256Stream::new();
+    let mut buf = vec![0u8; chunk];
+    // The agent already has [0, start): hash it locally, do not send it.
+    let mut hashed = 0u64;
+    while hashed < start {
+        let n = chunk.min((start - hashed) as usize);
+        let got = file.read(&mut buf[..n]).map_err(lerr)?;
+        if got == 0 {
+            start = hashed;
+            break;
+        }
+        hasher.update(&buf[..got]);
+        hashed += got as u64;
+    }
+    let resumed_from = start;
+    let mut offset = start;
+    let mut acked = start;
+    progress(offset, total);
+    let mut inflight: JoinSet<Result<u64, ClientError>> = JoinSet::new();
+    let result: Result<(), TransferError> = async {
+        loop {
+            let n = read_full(&mut file, &mut buf).map_err(lerr)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            let mut data = String::with_capacity(codec::encoded_len(n));
+            codec::base64_encode_into(&buf[..n], &mut data);
+            let params = FileWriteParams {
+                handle,
+                offset,
+                data_base64: data,
+            };
+            offset += n as u64;
+            while inflight.len() >= opts.pipeline.max(1) {
+                acked += join(&mut inflight).await?;
+                progress(acked, total);
+            }
+            let c = client.clone();
+            inflight.spawn(async move { c.file_write(&params).await.map(|w| w.written) });
+        }
+        while !inflight.is_empty() {
+            acked += join(&mut inflight).await?;
+            progress(acked, total);
+        }
+        Ok(())
+    }
+    .await;
+    result?;
+    let sha256 = hasher.finish();
+    let closed = client
+        .file_close(&FileCloseParams {
+            handle,
+            abort: false,
+            size: Some(offset),
+            sha256: Some(sha256.clone()),
+        })
+        .await?;
+    progress(offset, total);
+    if !closed.committed || closed.sha256 != sha256 || closed.size != offset {
+        return Err(TransferError::Mismatch(format!(
+            "the agent has {} bytes with sha256 {}; {} bytes with sha256 {sha256} were sent",
+            closed.size, closed.sha256, offset
+        )));
+    }
+    Ok(Transferred {
+        size: offset,
+        sha256,
+        resumed_from,
+    })
+}
+
+async fn join(set: &mut JoinSet<Result<u64, ClientError>>) -> Result<u64, ClientError> {
+    match set.join_next().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(ClientError::Protocol(format!("a chunk task failed: {e}"))),
+        None => Ok(0),
+    }
+}
+
+fn read_full(file: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// A chunk read: its offset, its bytes, whether it reached the end.
+type Chunk = (u64, Vec<u8>, bool);
+
+/// The partial file a download of `dest` writes to.
+pub fn part_path(dest: &Path) -> PathBuf {
+    let mut s = dest.as_os_str().to_owned();
+    s.push(PART_SUFFIX);
+    PathBuf::from(s)
+}
+
+/// Download `guest` to the local file `dest` (through `dest.kva-part`).
+pub async fn download(
+    client: &Client,
+    guest: &str,
+    dest: &Path,
+    opts: &TransferOptions,
+    progress: Progress<'_>,
+) -> Result<Transferred, TransferError> {
+    if dest.exists() && !opts.overwrite {
+        return Err(TransferError::Exists(dest.to_owned()));
+    }
+    let part = part_path(dest);
+    let perr = |source| TransferError::Local {
+        path: part.clone(),
+        source,
+    };
+    let chunk = chunk_size(client, opts).await?;
+    let opened = client
+        .file_open(&FileOpenParams {
+            path: guest.to_owned(),
+            access: Access::Read,
+            overwrite: false,
+            mode: None,
+            create_parents: false,
+            uid: None,
+            gid: None,
+            resume: false,
+        })
+        .await?;
+    let handle = opened.handle;
+    let total = opened.size.unwrap_or(0);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(!opts.resume)
+        .open(&part)
+        .map_err(perr)?;
+    let mut hasher = Sha256Stream::new();
+    let mut start = 0u64;
+    if opts.resume {
+        // Keep what is there (up to the remote size), hashing it.
+        let have = file.metadata().map_err(perr)?.len().min(total);
+        file.set_len(have).map_err(perr)?;
+        let mut buf = vec![0u8; 1 << 20];
+        while start < have {
+            let n = read_full(
+                &mut file,
+                &mut buf[..(1usize << 20).min((have - start) as usize)],
+            )
+            .map_err(perr)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            start += n as u64;
+        }
+    }
+    let resumed_from = start;
+    progress(start, total);
+    let mut next = start;
+    let mut written = start;
+    let mut inflight: JoinSet<Result<Chunk, ClientError>> = JoinSet::new();
+    let mut ready = std::collections::BTreeMap::<u64, Vec<u8>>::new();
+    let mut eof_seen = false;
+    let result: Result<(), TransferError> = async {
+        loop {
+            while !eof_seen && inflight.len() < opts.pipeline.max(1) && next < total.max(1) {
+                let c = client.clone();
+                let offset = next;
+                next += u64::from(chunk);
+                inflight.spawn(async move {
+                    let r = c
+                        .file_read(&FileReadParams {
+                            handle,
+                            offset,
+                            length: chunk,
+                        })
+                        .await?;
+                    let data = codec::base64_decode(r.data_base64.as_bytes()).map_err(|e| {
+                        ClientError::Protocol(format!("bad base64 from the agent: {e}"))
+                    })?;
+                    Ok((offset, data, r.eof))
+                });
+            }
+            let Some(done) = inflight.join_next().await else {
+                break;
+            };
+            let (offset, data, eof) =
+                done.map_err(|e| ClientError::Protocol(format!("a chunk task failed: {e}")))??;
+            if eof {
+                eof_seen = true;
+            }
+            ready.insert(offset, data);
+            // Write and hash in order.
+            while let Some(data) = ready.remove(&written) {
+                file.write_all_at(&data, written).map_err(perr)?;
+                hasher.update(&data);
+                written += data.len() as u64;
+                progress(written, total.max(written));
+                if data.len() < chunk as usize {
+                    eof_seen = true;
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let closed = client
+        .file_close(&FileCloseParams {
+            handle,
+            abort: false,
+            size: None,
+            sha256: None,
+        })
+        .await;
+    result?;
+    let closed = closed?;
+    file.set_len(written).map_err(perr)?;
+    file.sync_all().map_err(perr)?;
+    let sha256 = hasher.finish();
+    if closed.sha256 != sha256 || closed.size != written {
+        return Err(TransferError::Mismatch(format!(
+            "received {written} bytes with sha256 {sha256}, but the guest file has {} bytes with sha256 {} (it may have changed during the copy; {} is kept)",
+            closed.size,
+            closed.sha256,
+            part.display()
+        )));
+    }
+    std::fs::rename(&part, dest).map_err(|source| TransferError::Local {
+        path: dest.to_owned(),
+        source,
+    })?;
+    Ok(Transferred {
+        size: written,
+        sha256,
+        resumed_from,
+    })
+}
