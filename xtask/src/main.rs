@@ -6,6 +6,7 @@
 
 mod cmd;
 mod demo;
+mod dist;
 mod ensure;
 mod test;
 mod vm;
@@ -22,6 +23,9 @@ Usage: cargo xtask <COMMAND> [ARGS]
 Commands:
   demo                 Build the agent and kvm-agent-ctl, start the agent on a
                        temporary unix socket and show the CLI talking to it
+  dist                 Build every artifact into target/dist/: the static agent,
+                       kvm-agent-ctl, .deb and .rpm packages, the tarball with
+                       install.sh, man pages and shell completions
   test [OPTIONS] [STEP]...
                        Run every test (or only the named steps); installs or
                        checks what the steps need first
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
         }
         Some("test") => test::run(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
+        Some("dist") => dist::run(&args[1..]),
         Some("vm-test") => vm::run(&args[1..]),
         Some(other) => Err(format!(
             "unknown command `{other}` (run `cargo xtask help`)"

@@ -55,11 +55,23 @@ pub const STEPS: &[Step] = &[
         run: cargo_test,
     },
     Step {
+        name: "packages",
+        about: "cargo xtask dist, then lintian, .deb/.rpm contents and scriptlets, rpm into a scratch root, tarball install.sh with --destdir",
+        needs: crate::dist::checks::NEEDS,
+        run: crate::dist::checks::step,
+    },
+    Step {
         name: "vm",
         about:
             "VM tests: the agent's virtio-serial and vsock transports in real guests (QEMU, TCG)",
         needs: &[],
         run: crate::vm::step,
+    },
+    Step {
+        name: "debian",
+        about: "the .deb in a Debian bookworm guest under systemd (install, agent answers, upgrade keeps config, remove, purge); tarball install.sh in a chroot",
+        needs: crate::vm::debian::NEEDS,
+        run: crate::vm::debian::step,
     },
 ];
 

@@ -71,6 +71,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+pub mod debian;
+
 use kvm_agent_client::{Client, ClientOptions, Target};
 use serde_json::{json, Value};
 

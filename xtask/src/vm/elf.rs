@@ -5,6 +5,9 @@
 use crate::Result;
 
 const PT_INTERP: u32 = 3;
+const PT_DYNAMIC: u32 = 2;
+const DT_NEEDED: usize = 1;
+const SHT_SYMTAB: u32 = 2;
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
@@ -86,6 +89,49 @@ pub fn is_static(b: &[u8], what: &str) -> Result<bool> {
     Ok(true)
 }
 
+/// How many shared libraries the binary names (`DT_NEEDED` entries of its
+/// `PT_DYNAMIC` segment). A static-pie binary has a dynamic segment, for its
+/// own relocations, but needs nothing.
+pub fn needed_libraries(b: &[u8], what: &str) -> Result<usize> {
+    check_header(b, what)?;
+    let bad = || format!("{what}: malformed ELF program headers");
+    let phoff = u64_at(b, 0x20).ok_or_else(bad)?;
+    let phentsize = usize::from(u16_at(b, 0x36).ok_or_else(bad)?);
+    let phnum = usize::from(u16_at(b, 0x38).ok_or_else(bad)?);
+    let mut needed = 0;
+    for i in 0..phnum {
+        let at = phoff + i * phentsize;
+        if u32_at(b, at).ok_or_else(bad)? != PT_DYNAMIC {
+            continue;
+        }
+        let off = u64_at(b, at + 0x08).ok_or_else(bad)?;
+        let size = u64_at(b, at + 0x20).ok_or_else(bad)?;
+        for entry in (off..off + size).step_by(16) {
+            match u64_at(b, entry).ok_or_else(bad)? {
+                0 => break,
+                DT_NEEDED => needed += 1,
+                _ => {}
+            }
+        }
+    }
+    Ok(needed)
+}
+
+/// True when the binary still has a symbol table (`.symtab`): not stripped.
+pub fn has_symtab(b: &[u8], what: &str) -> Result<bool> {
+    check_header(b, what)?;
+    let bad = || format!("{what}: malformed ELF section table");
+    let shoff = u64_at(b, 0x28).ok_or_else(bad)?;
+    let shentsize = usize::from(u16_at(b, 0x3a).ok_or_else(bad)?);
+    let shnum = usize::from(u16_at(b, 0x3c).ok_or_else(bad)?);
+    for i in 0..shnum {
+        if u32_at(b, shoff + i * shentsize + 4).ok_or_else(bad)? == SHT_SYMTAB {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +140,7 @@ mod tests {
     fn this_test_binary_is_dynamic() {
         let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         assert!(!is_static(&me, "test binary").unwrap());
+        assert!(needed_libraries(&me, "test binary").unwrap() > 0);
     }
 
     #[test]

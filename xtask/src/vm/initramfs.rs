@@ -67,7 +67,7 @@ pub fn build(
 }
 
 /// 64-bit FNV-1a: a stable content hash for cache names (not for security).
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(super) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
@@ -75,7 +75,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// A cpio "newc" archive, as the kernel's initramfs unpacker reads it.
 #[derive(Default)]
-struct Cpio {
+pub(super) struct Cpio {
     out: Vec<u8>,
     ino: u32,
 }
@@ -116,19 +116,19 @@ impl Cpio {
         }
     }
 
-    fn dir(&mut self, name: &str) {
+    pub(super) fn dir(&mut self, name: &str) {
         self.entry(name, 0o040755, (0, 0), &[]);
     }
 
-    fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
+    pub(super) fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
         self.entry(name, 0o100000 | perm, (0, 0), data);
     }
 
-    fn char_device(&mut self, name: &str, major: u32, minor: u32) {
+    pub(super) fn char_device(&mut self, name: &str, major: u32, minor: u32) {
         self.entry(name, 0o020600, (major, minor), &[]);
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    pub(super) fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, (0, 0), &[]);
         self.out
     }

@@ -121,7 +121,7 @@ fn kernel_package() -> Result<String> {
 }
 
 /// The single entry of `dir` whose name starts with `prefix`.
-fn find_one(dir: &Path, prefix: &str) -> Result<PathBuf> {
+pub(super) fn find_one(dir: &Path, prefix: &str) -> Result<PathBuf> {
     let mut found: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(|e| format!("cannot list {}: {e}", dir.display()))?
         .flatten()
@@ -183,7 +183,7 @@ fn xz_decompress(input: &[u8], extra: &str) -> Result<Vec<u8>> {
 }
 
 /// A module's bytes, decompressed if it is a `.ko.xz`.
-fn read_module(path: &Path) -> Result<Vec<u8>> {
+pub(super) fn read_module(path: &Path) -> Result<Vec<u8>> {
     let bytes = fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if path.extension().is_some_and(|x| x == "xz") {
         xz_decompress(&bytes, "--single-stream")
@@ -193,7 +193,7 @@ fn read_module(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// Module name (with `_`, as in `depends=`) to file, for every module under `dir`.
-fn index_modules(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
+pub(super) fn index_modules(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     let mut index = BTreeMap::new();
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
@@ -217,7 +217,7 @@ fn index_modules(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
 }
 
 /// `wanted` and everything they depend on, each after its dependencies.
-fn load_order(
+pub(super) fn load_order(
     wanted: &[&str],
     available: &BTreeMap<String, PathBuf>,
     depends: &dyn Fn(&Path) -> Result<Vec<String>>,

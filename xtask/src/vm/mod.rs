@@ -10,10 +10,11 @@
 //! `$XDG_CACHE_HOME/kvm-manager-agent` (or `$HOME/.cache/kvm-manager-agent`);
 //! guest console logs go to `target/vmtest/<test>/`.
 
-mod elf;
+pub mod debian;
+pub(crate) mod elf;
 mod initramfs;
 mod kernel;
-mod prereqs;
+pub(crate) mod prereqs;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -133,7 +134,7 @@ pub fn prepare() -> Result<Images> {
 }
 
 /// `$XDG_CACHE_HOME/kvm-manager-agent`, else `$HOME/.cache/kvm-manager-agent`.
-fn cache_dir() -> Result<PathBuf> {
+pub(crate) fn cache_dir() -> Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
         Some(dir) => PathBuf::from(dir),
         None => {
@@ -146,7 +147,7 @@ fn cache_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| crate::root().join("target"))
@@ -154,7 +155,7 @@ fn target_dir() -> PathBuf {
 
 /// The agent as a static binary (glibc, `+crt-static`), in its own target
 /// folder so the different RUSTFLAGS do not invalidate the usual build.
-fn build_static_agent() -> Result<PathBuf> {
+pub(crate) fn build_static_agent() -> Result<PathBuf> {
     let triple = "x86_64-unknown-linux-gnu";
     let dir = target_dir().join("static");
     let mut build = cmd::cargo();

@@ -107,7 +107,7 @@ fn ensure_qemu() -> Result {
 }
 
 /// `URIs` and `Signed-By` of the deb822 stanza whose `Suites` include `bookworm`.
-fn bookworm_entry(text: &str) -> Option<(String, Option<String>)> {
+pub(super) fn bookworm_entry(text: &str) -> Option<(String, Option<String>)> {
     for stanza in text.split("\n\n") {
         let field = |name: &str| {
             stanza.lines().find_map(|l| {

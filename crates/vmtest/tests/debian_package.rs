@@ -1,0 +1,179 @@
+//! The agent's .deb in a real Debian bookworm guest under systemd: install
+//! (postinst enables and starts the unit, the agent answers on its
+//! virtio-serial port), the unit's `systemd-analyze security` exposure
+//! against a bare unit, an upgrade that keeps a changed configuration,
+//! kvm-agent-ctl's .deb, then remove and purge leaving nothing behind.
+//!
+//! Needs `cargo xtask test debian` (images and packages; see
+//! kvm_agent_vmtest::debian). One boot for the whole story.
+
+use kvm_agent_client::protocol::methods::info::GetInfoParams;
+use kvm_agent_client::Client;
+use kvm_agent_vmtest::debian::{exposure, DebianImages, DebianVm};
+use kvm_agent_vmtest::{check_agent, runtime, Vm};
+
+const UNIT: &str = "kvm-manager-agent.service";
+const CONF: &str = "/etc/kvm-manager-agent/config.toml";
+
+/// Connect through the virtio-serial chardev, check agent_ready, ping and
+/// get_capabilities; returns the guest's host name from get_info.
+fn talk_to_agent(vm: &DebianVm) -> String {
+    vm.wait_port_open();
+    let rt = runtime();
+    rt.block_on(async {
+        let client = Client::connect(vm.serial_target(), Vm::client_options())
+            .await
+            .expect("connect to the agent's virtio-serial port");
+        check_agent(&client).await;
+        let info = client
+            .get_info(&GetInfoParams::default())
+            .await
+            .expect("get_info");
+        let os = serde_json::to_value(&info).expect("info as JSON");
+        println!("    get_info: {os}");
+        let hostname = os["hostname"].as_str().unwrap_or_default().to_string();
+        let pretty = os.to_string();
+        assert!(
+            pretty.contains("Debian"),
+            "get_info does not name Debian: {pretty}"
+        );
+        hostname
+    })
+}
+
+fn main_pid(vm: &DebianVm) -> String {
+    vm.ok(&format!("systemctl show -p MainPID --value {UNIT}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn deb_install_upgrade_remove_purge_under_systemd() {
+    let images = DebianImages::from_env();
+    let mut vm = DebianVm::boot("debian_package", &images);
+    let state = vm.sh("systemctl is-system-running --wait");
+    vm.log(&format!("system state: {}", state.text.trim()));
+    vm.ok("mount -o ro /dev/vdb /mnt && ls -l /mnt");
+    assert_ne!(
+        vm.sh("dpkg-query -W kvm-manager-agent").status,
+        0,
+        "the agent is installed before the test installed it"
+    );
+
+    // Install: a real dpkg -i, whose postinst enables and starts the unit.
+    vm.ok("dpkg -i /mnt/agent-old.deb");
+    assert_eq!(
+        vm.ok(&format!("systemctl is-enabled {UNIT}")).trim(),
+        "enabled"
+    );
+    assert_eq!(
+        vm.ok(&format!("systemctl is-active {UNIT}")).trim(),
+        "active"
+    );
+    assert_eq!(
+        vm.ok("dpkg-query -W -f '${Version}' kvm-manager-agent")
+            .trim(),
+        images.version_old
+    );
+    vm.ok(&format!(
+        "stat -c '%a %U:%G %n' {CONF} /usr/bin/kvm-manager-agent"
+    ));
+    let hostname = talk_to_agent(&vm);
+    assert_eq!(hostname, "kva-debian");
+    vm.ok(&format!("journalctl -b -u {UNIT} --no-pager | tail -n 20"));
+
+    // The hardened unit against the same service with no hardening at all.
+    vm.ok(
+        "printf '[Service]\\nExecStart=/usr/bin/kvm-manager-agent\\nRestart=always\\n' \
+         > /run/systemd/system/kva-bare.service && systemctl daemon-reload",
+    );
+    let bare = vm.ok("systemd-analyze security --no-pager kva-bare.service");
+    let hardened = vm.ok(&format!("systemd-analyze security --no-pager {UNIT}"));
+    let (bare, hardened) = (
+        exposure(&bare).expect("an exposure level for the bare unit"),
+        exposure(&hardened).expect("an exposure level for the unit"),
+    );
+    vm.log(&format!(
+        "systemd-analyze security: bare unit {bare}, kvm-manager-agent.service {hardened}"
+    ));
+    assert!(
+        hardened <= 5.0 && hardened < bare,
+        "exposure {hardened} (bare {bare}): the hardening regressed"
+    );
+    // The agent really runs under it and still works (it answered above).
+    let pid = main_pid(&vm);
+    vm.ok(&format!(
+        "grep -E '^(CapBnd|NoNewPrivs|Seccomp):' /proc/{pid}/status"
+    ));
+
+    // Upgrade to the next version after changing the configuration: the
+    // change is kept (the new default lands beside it as .dpkg-dist) and the
+    // agent is restarted with the new binary.
+    vm.ok(&format!(
+        "sed -i 's/^log_level = \"info\"/log_level = \"debug\"/' {CONF} && grep -n '^log_level' {CONF}"
+    ));
+    vm.ok("dpkg --force-confold -i /mnt/agent-new.deb");
+    assert_eq!(
+        vm.ok("dpkg-query -W -f '${Version}' kvm-manager-agent")
+            .trim(),
+        images.version_new
+    );
+    assert!(
+        vm.ok(&format!("grep '^log_level' {CONF}"))
+            .contains("\"debug\""),
+        "the upgrade did not keep the changed config"
+    );
+    vm.ok(&format!("grep -q 'test1 upgrade' {CONF}.dpkg-dist"));
+    assert_eq!(
+        vm.ok(&format!("systemctl is-active {UNIT}")).trim(),
+        "active"
+    );
+    let new_pid = main_pid(&vm);
+    assert_ne!(new_pid, pid, "the upgrade did not restart the agent");
+    talk_to_agent(&vm);
+
+    // kvm-agent-ctl's package installs (its dependencies are bookworm's),
+    // runs, and ships its completions.
+    vm.ok("dpkg -i /mnt/ctl.deb && kvm-agent-ctl --version");
+    vm.ok(
+        "test -s /usr/share/bash-completion/completions/kvm-agent-ctl && \
+         test -s /usr/share/zsh/vendor-completions/_kvm-agent-ctl && \
+         test -s /usr/share/fish/vendor_completions.d/kvm-agent-ctl.fish && \
+         test -s /usr/share/man/man1/kvm-agent-ctl.1.gz",
+    );
+    vm.ok("dpkg --purge kvm-agent-ctl && ! test -e /usr/bin/kvm-agent-ctl");
+
+    // Remove: the agent stops, the binary goes, the conffile stays.
+    let files = vm.ok("dpkg -L kvm-manager-agent");
+    vm.ok("dpkg --remove kvm-manager-agent");
+    assert_ne!(vm.sh(&format!("systemctl is-active {UNIT}")).status, 0);
+    vm.ok("! test -e /usr/bin/kvm-manager-agent && test -e /etc/kvm-manager-agent/config.toml");
+    assert!(vm
+        .ok("dpkg -l kvm-manager-agent")
+        .contains("rc  kvm-manager-agent"));
+
+    // Purge: nothing left, not even the folder, the enablement or dpkg's record.
+    vm.ok("dpkg --purge kvm-manager-agent");
+    assert_ne!(vm.sh("dpkg-query -W kvm-manager-agent").status, 0);
+    let mut left = Vec::new();
+    for f in files.lines().map(str::trim).filter(|f| f.starts_with('/')) {
+        let is_ours = f.contains("kvm-manager-agent");
+        if is_ours && vm.sh(&format!("test -e '{f}'")).status == 0 {
+            left.push(f.to_string());
+        }
+    }
+    assert!(left.is_empty(), "purge left {left:?}");
+    vm.ok("! test -e /etc/kvm-manager-agent && \
+         ! test -e /etc/systemd/system/multi-user.target.wants/kvm-manager-agent.service && \
+         ! ls /var/lib/systemd/deb-systemd-helper-enabled/ | grep -q kvm-manager-agent && \
+         ! ls /var/lib/systemd/deb-systemd-helper-masked/ 2>/dev/null | grep -q kvm-manager-agent");
+    assert_eq!(
+        vm.ok(&format!("systemctl show -p LoadState --value {UNIT}"))
+            .trim(),
+        "not-found"
+    );
+
+    vm.send("systemctl poweroff");
+    let status = vm.wait_exit();
+    assert!(status.success(), "QEMU exited with {status} after poweroff");
+}
