@@ -67,6 +67,9 @@ pub struct Config {
     /// `[security]`: what the host may do.
     #[serde(default)]
     pub security: SecuritySection,
+    /// `[exec]`: timeouts, output sizes and handle retention of exec.
+    #[serde(default)]
+    pub exec: ExecSection,
     /// `[audit]`: where the audit trail goes.
     #[serde(default)]
     pub audit: AuditSection,
@@ -111,6 +114,13 @@ pub struct LimitsSection {
     /// Largest frame body either way, in bytes.
     #[serde(default = "default_max_frame_bytes")]
     pub max_frame_bytes: u32,
+    /// Processes started by `exec` and `exec_start` running at once.
+    #[serde(default = "default_max_processes")]
+    pub max_processes: u32,
+    /// Unread output the agent buffers per stream of an `exec_start`
+    /// process; at the cap it stops reading that pipe until the host reads.
+    #[serde(default = "default_max_exec_buffer_bytes")]
+    pub max_exec_buffer_bytes: u32,
     /// Largest number of requests in one batch.
     #[serde(default = "default_max_batch_len")]
     pub max_batch_len: u32,
@@ -141,6 +151,8 @@ impl Default for LimitsSection {
     fn default() -> Self {
         Self {
             max_frame_bytes: default_max_frame_bytes(),
+            max_processes: default_max_processes(),
+            max_exec_buffer_bytes: default_max_exec_buffer_bytes(),
             max_batch_len: default_max_batch_len(),
             max_requests_per_connection: default_max_requests_per_connection(),
             max_requests_total: default_max_requests_total(),
@@ -153,6 +165,12 @@ impl Default for LimitsSection {
     }
 }
 
+fn default_max_processes() -> u32 {
+    16
+}
+fn default_max_exec_buffer_bytes() -> u32 {
+    4 * 1024 * 1024
+}
 fn default_max_frame_bytes() -> u32 {
     DEFAULT_MAX_FRAME_BYTES
 }
@@ -188,6 +206,17 @@ impl LimitsSection {
         let room = (u64::from(self.max_frame_bytes) - 4096) * 3 / 4;
         1 << (63 - room.leading_zeros())
     }
+
+    /// Most output bytes of one stream in one `exec` result or
+    /// `exec_status` answer: half a chunk, so that both streams, even as
+    /// base64, fit in one frame.
+    pub fn max_exec_output_bytes(&self) -> u64 {
+        let room = u64::from(self.max_frame_bytes).saturating_sub(4096) * 3 / 4;
+        match room {
+            0..=1 => 1,
+            _ => (1u64 << (63 - room.leading_zeros())) / 2,
+        }
+    }
 }
 
 /// `[security]`
@@ -197,9 +226,17 @@ pub struct SecuritySection {
     /// Allow `exec` and `exec_*` at all.
     #[serde(default)]
     pub enable_exec: bool,
-    /// Commands `exec` may run.
+    /// Commands `exec` may run with any arguments, as the user the agent
+    /// runs as: absolute paths or bare names.
     #[serde(default)]
     pub allowed_commands: Vec<String>,
+    /// `[[security.commands]]`: commands with argument rules or a user.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub commands: Vec<CommandRule>,
+    /// Environment variable names (`*` and `?` patterns) a request's `env`
+    /// may set.
+    #[serde(default = "default_exec_env")]
+    pub exec_env: Vec<String>,
     /// Allow the file transfer methods at all.
     #[serde(default = "default_true")]
     pub enable_file_copy: bool,
@@ -226,6 +263,8 @@ impl Default for SecuritySection {
         Self {
             enable_exec: false,
             allowed_commands: Vec::new(),
+            commands: Vec::new(),
+            exec_env: default_exec_env(),
             enable_file_copy: true,
             allowed_file_paths: default_allowed_file_paths(),
             disabled_methods: Vec::new(),
@@ -234,6 +273,81 @@ impl Default for SecuritySection {
             hmac_max_skew_seconds: default_hmac_max_skew_seconds(),
         }
     }
+}
+
+/// Variables that change how programs talk, never what code they load
+/// (no `LD_*`, `PATH`, `PYTHON*`, `BASH_ENV`...).
+fn default_exec_env() -> Vec<String> {
+    ["LANG", "LC_*", "TZ", "TERM", "COLUMNS", "LINES", "NO_COLOR"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// One `[[security.commands]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandRule {
+    /// Absolute path or bare name, as in `allowed_commands`.
+    pub path: String,
+    /// The argument vectors allowed, each a list of patterns, one per
+    /// argument (`*` and `?` within an argument; a last `"**"` matches any
+    /// further arguments, none included). Absent: any arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<Vec<String>>>,
+    /// Run as this user (from /etc/passwd), with its group and
+    /// supplementary groups (from /etc/group), instead of as the agent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<String>,
+}
+
+/// `[exec]`
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSection {
+    /// Timeout of a command whose request gives none.
+    #[serde(default = "default_exec_timeout_ms")]
+    pub default_timeout_ms: u64,
+    /// Largest timeout; larger requested values are lowered to it.
+    #[serde(default = "default_exec_max_timeout_ms")]
+    pub max_timeout_ms: u64,
+    /// Output kept per stream by `exec` when the request gives no
+    /// `max_output_bytes`.
+    #[serde(default = "default_exec_max_output_bytes")]
+    pub default_max_output_bytes: u64,
+    /// Finished `exec_start` handles kept for the host to read.
+    #[serde(default = "default_exec_keep_finished")]
+    pub keep_finished: u32,
+    /// Seconds a finished handle is kept after its process exited.
+    #[serde(default = "default_exec_keep_finished_seconds")]
+    pub keep_finished_seconds: u64,
+}
+
+impl Default for ExecSection {
+    fn default() -> Self {
+        Self {
+            default_timeout_ms: default_exec_timeout_ms(),
+            max_timeout_ms: default_exec_max_timeout_ms(),
+            default_max_output_bytes: default_exec_max_output_bytes(),
+            keep_finished: default_exec_keep_finished(),
+            keep_finished_seconds: default_exec_keep_finished_seconds(),
+        }
+    }
+}
+
+fn default_exec_timeout_ms() -> u64 {
+    60_000
+}
+fn default_exec_max_timeout_ms() -> u64 {
+    3_600_000
+}
+fn default_exec_max_output_bytes() -> u64 {
+    1024 * 1024
+}
+fn default_exec_keep_finished() -> u32 {
+    64
+}
+fn default_exec_keep_finished_seconds() -> u64 {
+    600
 }
 
 fn default_hmac_max_skew_seconds() -> u64 {
@@ -581,8 +695,106 @@ impl Config {
                 ));
             }
         }
+        self.validate_exec(&invalid)
+    }
+
+    fn validate_exec(
+        &self,
+        invalid: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.max_processes", l.max_processes),
+            ("limits.max_exec_buffer_bytes", l.max_exec_buffer_bytes),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+        }
+        let sec = &self.security;
+        for (i, c) in sec.allowed_commands.iter().enumerate() {
+            check_command_name(c)
+                .map_err(|p| invalid(&format!("security.allowed_commands[{i}]"), p))?;
+        }
+        for (i, rule) in sec.commands.iter().enumerate() {
+            let key = |k: &str| format!("security.commands[{i}].{k}");
+            check_command_name(&rule.path).map_err(|p| invalid(&key("path"), p))?;
+            if rule.args.as_ref().is_some_and(Vec::is_empty) {
+                return Err(invalid(
+                    &key("args"),
+                    "is empty, which allows nothing: give [[]] for \"no arguments\", or leave it out for \"any\"".into(),
+                ));
+            }
+            for (j, pattern) in rule.args.iter().flatten().enumerate() {
+                if let Some(k) = pattern.iter().position(|a| a == "**") {
+                    if k + 1 != pattern.len() {
+                        return Err(invalid(
+                            &format!("security.commands[{i}].args[{j}]"),
+                            "\"**\" may only be the last pattern".into(),
+                        ));
+                    }
+                }
+            }
+            if let Some(user) = &rule.run_as {
+                if user.is_empty() || user.contains([':', '/', '\n']) {
+                    return Err(invalid(
+                        &key("run_as"),
+                        format!("{user:?} is not a user name"),
+                    ));
+                }
+            }
+        }
+        for (i, p) in sec.exec_env.iter().enumerate() {
+            if p.is_empty() || p.contains('=') || p.contains('\0') {
+                return Err(invalid(
+                    &format!("security.exec_env[{i}]"),
+                    format!("{p:?} is not a variable name pattern"),
+                ));
+            }
+        }
+        let e = &self.exec;
+        if !(1..=e.max_timeout_ms).contains(&e.default_timeout_ms) {
+            return Err(invalid(
+                "exec.default_timeout_ms",
+                format!(
+                    "must be between 1 and exec.max_timeout_ms ({}) (got {})",
+                    e.max_timeout_ms, e.default_timeout_ms
+                ),
+            ));
+        }
+        if e.default_max_output_bytes == 0 {
+            return Err(invalid(
+                "exec.default_max_output_bytes",
+                "must be at least 1".into(),
+            ));
+        }
+        if e.keep_finished == 0 {
+            return Err(invalid("exec.keep_finished", "must be at least 1".into()));
+        }
         Ok(())
     }
+}
+
+/// An allowlist entry: an absolute path without `.` or `..` components, or a
+/// bare name.
+fn check_command_name(c: &str) -> Result<(), String> {
+    if c.is_empty() || c.contains('\0') {
+        return Err(format!("{c:?} is not a command"));
+    }
+    if c.starts_with('/') {
+        if c.ends_with('/')
+            || c.split('/')
+                .skip(1)
+                .any(|p| p.is_empty() || p == "." || p == "..")
+        {
+            return Err(format!(
+                "{c} is not a plain absolute path (no \".\", \"..\", \"//\" or trailing \"/\")"
+            ));
+        }
+    } else if c.contains('/') || c == "." || c == ".." {
+        return Err(format!("{c:?} is neither an absolute path nor a bare name"));
+    }
+    Ok(())
 }
 
 /// The file must not be changeable by anyone but root (or the user the agent

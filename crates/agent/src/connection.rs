@@ -34,7 +34,7 @@ use tokio::task::JoinSet;
 
 use crate::audit::Origin;
 use crate::context::Context;
-use crate::dispatch::{self, Admitted, Refusal, Route};
+use crate::dispatch::{self, Admitted, Refusal, ReplyWritten, Route};
 use crate::platform;
 use crate::shutdown::Phase;
 use crate::transport::{Connection, Peer};
@@ -43,8 +43,9 @@ use crate::transport::{Connection, Peer};
 const READ_BUF: usize = 64 * 1024;
 
 /// One encoded frame on its way to the writer, holding its share of the
-/// connection's output budget until written.
-type Outgoing = (Vec<u8>, Option<OwnedSemaphorePermit>);
+/// connection's output budget until written, and who to tell once it is
+/// flushed (the calls that act after answering: shutdown, reboot).
+type Outgoing = (Vec<u8>, Option<OwnedSemaphorePermit>, Vec<ReplyWritten>);
 
 /// Serve one host until it disconnects or the agent shuts down.
 pub async fn serve(ctx: Arc<Context>, conn: Connection) {
@@ -177,21 +178,26 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     let mut w = BufWriter::with_capacity(READ_BUF, writer);
-    while let Some((frame, permit)) = rx.recv().await {
+    // Dropped unfired when writing fails: the host is gone.
+    let mut written: Vec<ReplyWritten> = Vec::new();
+    while let Some((frame, permit, after)) = rx.recv().await {
         if w.write_all(&frame).await.is_err() {
             return;
         }
         drop(permit);
+        written.extend(after);
         // Coalesce whatever else is ready into the same flush.
-        while let Ok((frame, permit)) = rx.try_recv() {
+        while let Ok((frame, permit, after)) = rx.try_recv() {
             if w.write_all(&frame).await.is_err() {
                 return;
             }
             drop(permit);
+            written.extend(after);
         }
         if w.flush().await.is_err() {
             return;
         }
+        written.drain(..).for_each(ReplyWritten::done);
     }
     let _ = w.flush().await;
 }
@@ -213,13 +219,18 @@ struct Responder {
 
 impl Responder {
     /// Queue a frame body (header added here), waiting for budget.
-    async fn send_body(&self, mut framed: Vec<u8>) {
+    async fn send_body(&self, framed: Vec<u8>) {
+        self.send_body_then(framed, Vec::new()).await;
+    }
+
+    /// Queue a frame body, and fire `after` once it is flushed.
+    async fn send_body_then(&self, mut framed: Vec<u8>, after: Vec<ReplyWritten>) {
         let body_len = framed.len() - HEADER_LEN;
         framed[..HEADER_LEN].copy_from_slice(&frame::header(body_len as u32));
         let cost = framed.len().min(output_budget(self.max_frame)) as u32;
         let permit = self.budget.clone().acquire_many_owned(cost).await.ok();
         // A closed channel means the host is gone; the answer is dropped.
-        let _ = self.tx.send((framed, permit));
+        let _ = self.tx.send((framed, permit, after));
     }
 
     /// Encode and queue one response, signed when `signer` is given.
@@ -228,9 +239,13 @@ impl Responder {
         id: &Id,
         outcome: Result<&RawValue, &ErrorObject>,
         signer: Option<&ResponseSigner>,
+        after: Option<ReplyWritten>,
     ) {
-        self.send_body(encode_response(id, outcome, self.max_frame, signer))
-            .await;
+        self.send_body_then(
+            encode_response(id, outcome, self.max_frame, signer),
+            after.into_iter().collect(),
+        )
+        .await;
     }
 }
 
@@ -380,7 +395,7 @@ impl Session {
     async fn refuse(&self, refusal: Refusal) {
         if let Some(id) = &refusal.id {
             self.out
-                .respond(id, Err(&refusal.error), refusal.signer.as_ref())
+                .respond(id, Err(&refusal.error), refusal.signer.as_ref(), None)
                 .await;
         }
     }
@@ -388,7 +403,7 @@ impl Session {
     /// Answer a frame-level error, recording it in the audit trail.
     async fn reject(&self, id: &Id, error: &ErrorObject) {
         dispatch::reject(&self.ctx, &self.origin, Some(id), error);
-        self.out.respond(id, Err(error), None).await;
+        self.out.respond(id, Err(error), None, None).await;
     }
 
     async fn start(&mut self, req: Request) {
@@ -396,10 +411,11 @@ impl Session {
             Err(refusal) => self.refuse(refusal).await,
             Ok((mut admitted, None)) => {
                 let signer = admitted.signer.take();
+                let written = admitted.reply_written.take();
                 let (id, result) = run(&self.ctx, admitted).await;
                 if let Some(id) = &id {
                     self.out
-                        .respond(id, result.as_deref(), signer.as_ref())
+                        .respond(id, result.as_deref(), signer.as_ref(), written)
                         .await;
                 }
             }
@@ -407,11 +423,13 @@ impl Session {
                 let ctx = self.ctx.clone();
                 let out = self.out.clone();
                 let signer = admitted.signer.take();
+                let written = admitted.reply_written.take();
                 self.tasks.spawn(async move {
                     let (id, result) = run_task(ctx, admitted).await;
                     drop(slot);
                     if let Some(id) = &id {
-                        out.respond(id, result.as_deref(), signer.as_ref()).await;
+                        out.respond(id, result.as_deref(), signer.as_ref(), written)
+                            .await;
                     }
                 });
             }
@@ -443,6 +461,7 @@ impl Session {
                 }
             };
             let signer = admitted.signer.take();
+            let written = admitted.reply_written.take();
             let ctx = self.ctx.clone();
             members.spawn(async move {
                 let (id, result) = match slot {
@@ -456,14 +475,19 @@ impl Session {
                 (
                     i,
                     id.map(|id| encode_member(&id, result.as_deref(), signer.as_ref())),
+                    written,
                 )
             });
         }
         let out = self.out.clone();
         self.tasks.spawn(async move {
+            let mut after = Vec::new();
             while let Some(done) = members.join_next().await {
                 match done {
-                    Ok((i, answer)) => answers[i] = answer,
+                    Ok((i, answer, written)) => {
+                        answers[i] = answer;
+                        after.extend(written);
+                    }
                     Err(e) => log::error!("a batch member failed: {e}"),
                 }
             }
@@ -486,7 +510,7 @@ impl Session {
                     .data(json!({ "max_frame_bytes": out.max_frame, "response_bytes": len }));
                 framed = encode_response(&Id::Null, Err(&e), out.max_frame, None);
             }
-            out.send_body(framed).await;
+            out.send_body_then(framed, after).await;
         });
     }
 }

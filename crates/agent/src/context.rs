@@ -10,7 +10,9 @@ use tokio::sync::Semaphore;
 use crate::audit::{self, Auditor};
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::handlers::exec::ExecTable;
 use crate::handlers::metrics::MetricsState;
+use crate::handlers::power::PowerControl;
 use crate::platform;
 use crate::policy::Policy;
 use crate::shutdown::Shutdown;
@@ -36,6 +38,10 @@ pub struct Context {
     pub stats: Stats,
     /// The previous `get_metrics` sample, agent-wide.
     pub metrics: MetricsState,
+    /// Commands started by `exec_start`, and the process limit.
+    pub exec: ExecTable,
+    /// What carries out `shutdown` and `reboot`.
+    pub power: PowerControl,
     /// Open file handles (`file_open`).
     #[cfg(unix)]
     pub files: Arc<crate::files::table::FileTable>,
@@ -82,6 +88,7 @@ impl Context {
             total: config.limits.max_file_handles_total,
             idle: std::time::Duration::from_secs(config.limits.file_handle_idle_seconds),
         });
+        let exec = ExecTable::new(config.limits.max_processes);
         Arc::new(Self {
             auditor,
             auth,
@@ -92,6 +99,8 @@ impl Context {
             shutdown,
             stats: Stats::default(),
             metrics: MetricsState::with_baseline(),
+            exec,
+            power: PowerControl::from_env(),
             #[cfg(unix)]
             files,
         })

@@ -4,9 +4,11 @@
 use kvm_agent_protocol::auth::ResponseSigner;
 use kvm_agent_protocol::jsonrpc::{Id, Request};
 use kvm_agent_protocol::methods::files::Access;
+use kvm_agent_protocol::methods::power::PowerAccepted;
 use kvm_agent_protocol::methods::{self, Call, CallError, Method};
 use kvm_agent_protocol::{ErrorCode, ErrorObject, MethodName};
 use serde_json::value::RawValue;
+use tokio::sync::oneshot;
 
 use crate::audit::{self, Decision, Origin, PendingAudit};
 use crate::auth::Refused;
@@ -35,6 +37,12 @@ pub enum DispatchError {
     /// `get_users` failed.
     #[error(transparent)]
     Users(#[from] handlers::users::UsersError),
+    /// An exec method failed.
+    #[error(transparent)]
+    Exec(#[from] handlers::exec::ExecError),
+    /// `shutdown` or `reboot` refused.
+    #[error(transparent)]
+    Power(#[from] handlers::power::PowerError),
     /// A file method failed.
     #[error(transparent)]
     Files(#[from] crate::files::FileError),
@@ -60,6 +68,8 @@ impl From<&DispatchError> for ErrorObject {
             DispatchError::Info(e) => e.into(),
             DispatchError::Metrics(e) => e.into(),
             DispatchError::Users(e) => e.into(),
+            DispatchError::Exec(e) => e.into(),
+            DispatchError::Power(e) => e.into(),
             DispatchError::Files(e) => e.into(),
             DispatchError::AuditUnavailable(m) => ErrorObject::with_message(
                 ErrorCode::Denied,
@@ -119,7 +129,25 @@ pub struct Admitted {
     /// Signs the response when the request was authenticated (`None`:
     /// authentication is off). Take it before [`Admitted::run`].
     pub signer: Option<ResponseSigner>,
+    /// For calls that act after answering (`shutdown`, `reboot`): the
+    /// connection takes it before [`Admitted::run`] and fires it once the
+    /// response is written to the transport (dropping it says there is no
+    /// response to wait for).
+    pub reply_written: Option<ReplyWritten>,
     audit: PendingAudit,
+    written: Option<oneshot::Receiver<()>>,
+}
+
+/// Tells a call that acts after answering that its response has been
+/// written (see [`Admitted::reply_written`]).
+#[derive(Debug)]
+pub struct ReplyWritten(oneshot::Sender<()>);
+
+impl ReplyWritten {
+    /// The response has been written and flushed.
+    pub fn done(self) {
+        let _ = self.0.send(());
+    }
 }
 
 /// A request that will not run, with the reply it earns.
@@ -180,6 +208,9 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
         Err(e) => {
             let mut audit = audit;
             if let DispatchError::Denied(p) = &e {
+                if let Some(argv) = p.argv() {
+                    audit.detail("argv", argv);
+                }
                 if let Some((path, reason)) = p.path_refusal() {
                     audit.detail("path", path);
                     audit.detail("reason", reason.as_str());
@@ -199,11 +230,20 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
             &DispatchError::AuditUnavailable(call.method()),
         ));
     }
+    let (reply_written, written) = match call {
+        Call::Shutdown(_) | Call::Reboot(_) => {
+            let (tx, rx) = oneshot::channel();
+            (Some(ReplyWritten(tx)), Some(rx))
+        }
+        _ => (None, None),
+    };
     Ok(Admitted {
         id,
         call,
         signer,
+        reply_written,
         audit,
+        written,
     })
 }
 
@@ -254,14 +294,27 @@ impl Admitted {
             id,
             call,
             mut audit,
+            written,
             ..
         } = self;
         let method = call.method();
+        let message = match &call {
+            Call::Shutdown(p) | Call::Reboot(p) => p.message.clone(),
+            _ => None,
+        };
         let result = execute(ctx, call, &mut audit).await.map_err(|e| {
             log::debug!("{method}: {e}");
             ErrorObject::from(&e)
         });
+        // The record is written before anything acts.
         audit.finish(result.as_ref().map(|_| ()));
+        if let (Ok(raw), Some(written)) = (&result, written) {
+            // Only shutdown and reboot carry `written`; their result says
+            // what was accepted.
+            if let Ok(accepted) = serde_json::from_str::<PowerAccepted>(raw.get()) {
+                handlers::power::schedule(&ctx.power, &accepted, message, written);
+            }
+        }
         (id, result)
     }
 }
@@ -277,6 +330,12 @@ pub fn is_implemented(method: MethodName) -> bool {
             | MethodName::GetInfo
             | MethodName::GetMetrics
             | MethodName::GetUsers
+            | MethodName::Shutdown
+            | MethodName::Reboot
+            | MethodName::Exec
+            | MethodName::ExecStart
+            | MethodName::ExecStatus
+            | MethodName::ExecKill
             | MethodName::CopyToGuest
             | MethodName::CopyFromGuest
             | MethodName::FileOpen
@@ -293,6 +352,7 @@ pub async fn execute(
     call: Call,
     audit: &mut PendingAudit,
 ) -> Result<Box<RawValue>, DispatchError> {
+    use handlers::exec;
     use handlers::files;
     match call {
         Call::Ping(p) => encode::<methods::PingMethod>(handlers::ping::ping(p)),
@@ -316,12 +376,22 @@ pub async fn execute(
         Call::FileClose(p) => {
             encode::<methods::FileCloseMethod>(files::close(ctx, p, audit).await?)
         }
-        Call::Shutdown(_)
-        | Call::Reboot(_)
-        | Call::Exec(_)
-        | Call::ExecStart(_)
-        | Call::ExecStatus(_)
-        | Call::ExecKill(_) => Err(DispatchError::NotImplemented(call.method())),
+        Call::Shutdown(p) => encode::<methods::ShutdownMethod>(handlers::power::request(
+            MethodName::Shutdown,
+            &p,
+            audit,
+        )?),
+        Call::Reboot(p) => encode::<methods::RebootMethod>(handlers::power::request(
+            MethodName::Reboot,
+            &p,
+            audit,
+        )?),
+        Call::Exec(p) => encode::<methods::ExecMethod>(exec::exec(ctx, p, audit).await?),
+        Call::ExecStart(p) => {
+            encode::<methods::ExecStartMethod>(exec::start_job(ctx, p, audit).await?)
+        }
+        Call::ExecStatus(p) => encode::<methods::ExecStatusMethod>(exec::status(ctx, p, audit)?),
+        Call::ExecKill(p) => encode::<methods::ExecKillMethod>(exec::kill(ctx, p, audit)?),
     }
 }
 
@@ -504,7 +574,8 @@ mod tests {
 
     #[test]
     fn privileged_calls_are_refused_while_the_trail_is_down() {
-        let (ctx, trail) = ctx_with_trail("[security]\nenable_exec = true\n");
+        let (ctx, trail) =
+            ctx_with_trail("[security]\nenable_exec = true\nallowed_commands = [\"true\"]\n");
         let origin = Origin::new(&crate::transport::Peer::Unix {
             pid: None,
             uid: None,
@@ -522,7 +593,7 @@ mod tests {
         let r = admit(
             &ctx,
             &origin,
-            request(r#"{"jsonrpc":"2.0","id":2,"method":"exec","params":{"command":"id"}}"#),
+            request(r#"{"jsonrpc":"2.0","id":2,"method":"exec","params":{"command":"true"}}"#),
         )
         .unwrap_err();
         assert_eq!(r.error.kind(), Some(ErrorCode::Denied));
@@ -549,7 +620,7 @@ mod tests {
         assert!(admit(
             &ctx,
             &origin,
-            request(r#"{"jsonrpc":"2.0","id":5,"method":"exec","params":{"command":"id"}}"#)
+            request(r#"{"jsonrpc":"2.0","id":5,"method":"exec","params":{"command":"true"}}"#)
         )
         .is_ok());
     }
@@ -659,6 +730,8 @@ mod tests {
                     "get_info",
                     "get_metrics",
                     "get_users",
+                    "shutdown",
+                    "reboot",
                     "copy_to_guest",
                     "copy_from_guest",
                     "file_open",

@@ -1,10 +1,13 @@
 //! The local policy: what the host may ask of this guest. Checked once, in
 //! the dispatcher, before any handler runs.
 
+pub mod commands;
+
 use kvm_agent_protocol::methods::Call;
 use kvm_agent_protocol::{ErrorCode, ErrorObject, MethodName};
 
 use crate::config::Config;
+pub use commands::{Allowlist, Grant};
 
 /// Why the policy refuses a request.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -29,6 +32,19 @@ pub enum PolicyError {
         /// Why it is refused.
         reason: crate::files::Reason,
     },
+    /// The exec allowlist refuses the command (or its arguments or
+    /// environment).
+    #[error("{command}: {}", refusal.reason())]
+    Command {
+        /// `exec` or `exec_start`.
+        method: MethodName,
+        /// The command as the request named it.
+        command: String,
+        /// Its arguments, for the audit record.
+        args: Vec<String>,
+        /// Why.
+        refusal: commands::Refusal,
+    },
 }
 
 impl PolicyError {
@@ -44,6 +60,7 @@ impl PolicyError {
         match self {
             Self::MethodDisabled(m) | Self::ExecDisabled(m) | Self::FileCopyDisabled(m) => *m,
             Self::Path { method, .. } => *method,
+            Self::Command { method, .. } => *method,
         }
     }
 
@@ -53,6 +70,22 @@ impl PolicyError {
             Self::ExecDisabled(_) => "security.enable_exec",
             Self::FileCopyDisabled(_) => "security.enable_file_copy",
             Self::Path { .. } => crate::files::PATH_CONFIG_KEY,
+            Self::Command { refusal, .. } => refusal.config_key(),
+        }
+    }
+}
+
+impl PolicyError {
+    /// For a refused command: the argument vector asked for (the command as
+    /// named, then its arguments), for the audit record.
+    pub fn argv(&self) -> Option<Vec<String>> {
+        match self {
+            Self::Command { command, args, .. } => Some(
+                std::iter::once(command.clone())
+                    .chain(args.iter().cloned())
+                    .collect(),
+            ),
+            _ => None,
         }
     }
 }
@@ -71,6 +104,30 @@ impl From<&PolicyError> for ErrorObject {
                 reason: *reason,
             });
         }
+        if let PolicyError::Command {
+            method,
+            command,
+            refusal,
+            ..
+        } = e
+        {
+            let data = serde_json::json!({
+                "method": method.as_str(),
+                "config_key": e.key(),
+                "command": command,
+                "reason": refusal.reason(),
+            });
+            // A command the allowlist names but this system lacks.
+            if *refusal == commands::Refusal::NotFound {
+                return ErrorObject::with_message(
+                    ErrorCode::NotFound,
+                    format!("Not found: command {command}"),
+                )
+                .data(data);
+            }
+            return ErrorObject::with_message(ErrorCode::Denied, format!("Denied by policy: {e}"))
+                .data(data);
+        }
         ErrorObject::with_message(ErrorCode::Denied, format!("Denied by policy: {e}"))
             .data(serde_json::json!({ "method": e.method().as_str(), "config_key": e.key() }))
     }
@@ -84,6 +141,7 @@ pub struct Policy {
     exec: bool,
     file_copy: bool,
     file_roots: Vec<std::path::PathBuf>,
+    commands: Allowlist,
 }
 
 impl Policy {
@@ -94,13 +152,45 @@ impl Policy {
             exec: config.security.enable_exec,
             file_copy: config.security.enable_file_copy,
             file_roots: config.security.allowed_file_paths.clone(),
+            commands: Allowlist::from_config(&config.security),
         }
     }
 
     /// Whether `call` may run.
     pub fn check(&self, call: &Call) -> Result<(), PolicyError> {
         self.check_method(call.method())?;
-        self.check_file_path(call)
+        self.check_file_path(call)?;
+        match call {
+            Call::Exec(p) => self
+                .check_command(MethodName::Exec, &p.command, &p.args, p.env.keys())
+                .map(drop),
+            Call::ExecStart(p) => self
+                .check_command(MethodName::ExecStart, &p.command, &p.args, p.env.keys())
+                .map(drop),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the exec allowlist lets `command` run with `args` and a
+    /// request environment setting `env`, and how: the path to run and the
+    /// user. [`Policy::check`] calls it for `exec` and `exec_start` before
+    /// any handler runs; the handler calls it again for the grant, so what
+    /// starts is what passed the check at that moment.
+    pub fn check_command<'a>(
+        &self,
+        method: MethodName,
+        command: &str,
+        args: &[String],
+        env: impl IntoIterator<Item = &'a String>,
+    ) -> Result<Grant, PolicyError> {
+        self.commands
+            .check(command, args, env)
+            .map_err(|refusal| PolicyError::Command {
+                method,
+                command: command.to_owned(),
+                args: args.to_vec(),
+                refusal,
+            })
     }
 
     /// The lexical path rules for the file methods that name a path

@@ -39,22 +39,13 @@ fn client_talks_to_the_agent() {
 
         client.ping().await.expect("ping");
         let caps = client.get_capabilities().await.expect("caps");
-        assert_eq!(
-            caps.methods,
-            [
-                MethodName::Ping.as_str(),
-                MethodName::GetCapabilities.as_str(),
-                MethodName::GetInfo.as_str(),
-                MethodName::GetMetrics.as_str(),
-                MethodName::GetUsers.as_str(),
-                MethodName::CopyToGuest.as_str(),
-                MethodName::CopyFromGuest.as_str(),
-                MethodName::FileOpen.as_str(),
-                MethodName::FileRead.as_str(),
-                MethodName::FileWrite.as_str(),
-                MethodName::FileClose.as_str(),
-            ]
-        );
+        // Every method but exec (off by default), in protocol order.
+        let expected: Vec<&str> = MethodName::ALL
+            .iter()
+            .map(|m| m.as_str())
+            .filter(|m| !m.starts_with("exec"))
+            .collect();
+        assert_eq!(caps.methods, expected);
         assert_eq!(caps.limits.max_frame_bytes, 16 << 20);
         assert_eq!(caps.limits.max_chunk_bytes, 8 << 20);
         assert!(!caps.auth_required);

@@ -96,3 +96,79 @@ pub fn fs_stats(_mount_point: &str) -> Result<FsStats, PlatformError> {
 pub fn logged_in_users() -> Result<Vec<LoggedInUser>, PlatformError> {
     unsupported("logged_in_users")
 }
+
+/// A user to run a command as (not supported on Windows yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserIds {
+    /// Login name.
+    pub name: String,
+    /// Home directory.
+    pub home: String,
+}
+
+/// Users cannot be switched on Windows yet.
+pub fn lookup_user(_name: &str) -> Result<Option<UserIds>, PlatformError> {
+    unsupported("run_as")
+}
+
+/// The agent's own user.
+pub fn lookup_uid(_uid: u32) -> Option<UserIds> {
+    None
+}
+
+/// The agent's user id (none on Windows).
+pub fn current_uid() -> u32 {
+    0
+}
+
+/// Process isolation (a job object) comes with the Windows exec support.
+pub fn isolate(_cmd: &mut std::process::Command, _user: Option<&UserIds>) {}
+
+/// Signalling process groups is not supported yet.
+pub fn signal_group(_pgid: u32, _signal: i32) -> std::io::Result<()> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+}
+
+/// Whether a process group still has members.
+pub fn group_alive(_pgid: u32) -> bool {
+    false
+}
+
+/// Terminate, for timeouts.
+pub const SIGKILL: i32 = 9;
+
+/// Only termination is possible on Windows.
+pub fn signal_number(s: kvm_agent_protocol::methods::exec::Signal) -> Result<i32, PlatformError> {
+    match s {
+        kvm_agent_protocol::methods::exec::Signal::Kill => Ok(SIGKILL),
+        _ => unsupported("signals other than SIGKILL"),
+    }
+}
+
+/// Exit code (Windows has no terminating signals).
+pub fn exit_parts(status: std::process::ExitStatus) -> (Option<i32>, Option<i32>) {
+    (status.code(), None)
+}
+
+/// The graceful power command (not supported yet).
+pub fn power_graceful_command(
+    _action: kvm_agent_protocol::methods::power::PowerAction,
+    _message: Option<&str>,
+) -> Option<Vec<String>> {
+    None
+}
+
+/// Graceful power off or restart (not supported yet).
+pub fn power_graceful(
+    _action: kvm_agent_protocol::methods::power::PowerAction,
+    _message: Option<&str>,
+) -> Result<(), PlatformError> {
+    unsupported("shutdown and reboot")
+}
+
+/// Forced power off or restart (not supported yet).
+pub fn power_forced(
+    _action: kvm_agent_protocol::methods::power::PowerAction,
+) -> Result<(), PlatformError> {
+    unsupported("shutdown and reboot")
+}

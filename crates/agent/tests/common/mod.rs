@@ -127,8 +127,15 @@ impl Drop for Agent {
     }
 }
 
+/// Where the agents of these tests record shutdown and reboot: they never
+/// power off or restart the machine running the tests.
+pub fn power_log(config: &Path) -> PathBuf {
+    config.with_file_name("power.log")
+}
+
 fn spawn(config: &Path, socket: &Path) -> Child {
     Command::new(agent_binary())
+        .env("KVA_POWER_DRY_RUN", power_log(config))
         .arg("--config")
         .arg(config)
         .arg("--transport")

@@ -8,6 +8,8 @@
 mod names;
 mod net;
 mod os_release;
+mod power;
+mod process;
 mod procfs;
 mod timezone;
 mod utmp;
@@ -19,6 +21,13 @@ use kvm_agent_protocol::methods::info::{Interface, LoggedInUser, MemoryMetrics, 
 
 use super::{CpuSample, DiskCounters, FsStats, Mount, NetCounters, PlatformError};
 
+pub use power::{
+    forced as power_forced, graceful as power_graceful, graceful_command as power_graceful_command,
+};
+pub use process::{
+    current_uid, exit_parts, group_alive, isolate, lookup_uid, lookup_user, signal_group,
+    signal_number, UserIds, SIGKILL,
+};
 #[cfg(test)]
 pub use utmp::record as utmp_record;
 pub use utmp::{parse_utmp, UTMP_RECORD_LEN};
