@@ -128,6 +128,30 @@ fn standard(req: &Value) -> Option<Value> {
                 "stdout_truncated": false, "stderr_truncated": false,
                 "timed_out": true, "duration_ms": 100}),
         ),
+        "exec_start" if p["command"] == "fail" => ok(req, json!({"handle": 1, "pid": 10})),
+        "exec_start" if p["command"] == "killed" => ok(req, json!({"handle": 2, "pid": 11})),
+        // Handle 1: "hi\n" and a 0xff byte while running, then exit 3.
+        "exec_status" if p["handle"] == 1 && p["stdout_offset"] == 0 => ok(
+            req,
+            json!({"exited": false, "exit_code": null, "signal": null, "timed_out": false,
+                "stdout": {"encoding": "utf-8", "data": "hi\n"},
+                "stderr": {"encoding": "base64", "data": "/w=="},
+                "stdout_next_offset": 3, "stderr_next_offset": 1, "output_complete": false}),
+        ),
+        "exec_status" if p["handle"] == 1 => ok(
+            req,
+            json!({"exited": true, "exit_code": 3, "signal": null, "timed_out": false,
+                "stdout": {"encoding": "utf-8", "data": "bye\n"},
+                "stderr": {"encoding": "utf-8", "data": ""},
+                "stdout_next_offset": 7, "stderr_next_offset": 1, "output_complete": true}),
+        ),
+        "exec_status" if p["handle"] == 2 => ok(
+            req,
+            json!({"exited": true, "exit_code": null, "signal": 9, "timed_out": true,
+                "stdout": {"encoding": "utf-8", "data": ""},
+                "stderr": {"encoding": "utf-8", "data": ""},
+                "stdout_next_offset": 0, "stderr_next_offset": 0, "output_complete": true}),
+        ),
         "shutdown" | "reboot" if p["confirm"] != true => error(
             req,
             -32007,
@@ -223,23 +247,66 @@ fn agent_errors_exit_1_with_message_and_data() {
 }
 
 #[test]
-fn exec_relays_output_and_the_remote_exit_code() {
+fn exec_streams_output_and_exits_with_the_remote_exit_code() {
+    let agent = fake(standard);
+    let out = ctl_stdin(
+        &agent,
+        &[
+            "exec",
+            "--env",
+            "A=1",
+            "--cwd",
+            "/tmp",
+            "--timeout",
+            "5000",
+            "--",
+            "fail",
+            "-x",
+        ],
+        b"input",
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(out.stdout, b"hi\nbye\n");
+    assert_eq!(out.stderr, [0xff]);
+    let reqs = agent.requests.lock().unwrap().clone();
+    let start = &reqs[0];
+    assert_eq!(start["method"], "exec_start");
+    assert_eq!(start["params"]["command"], "fail");
+    assert_eq!(start["params"]["args"], json!(["-x"]));
+    assert_eq!(start["params"]["env"], json!({"A": "1"}));
+    assert_eq!(start["params"]["cwd"], "/tmp");
+    assert_eq!(start["params"]["timeout_ms"], 5000);
+    // Standard input from a pipe is sent.
+    assert_eq!(start["params"]["stdin_base64"], "aW5wdXQ=");
+    // The second poll continues from the offsets the first one reached.
+    assert_eq!(reqs[1]["method"], "exec_status");
+    assert_eq!(reqs[2]["params"]["stdout_offset"], 3);
+    assert_eq!(reqs[2]["params"]["stderr_offset"], 1);
+    assert_eq!(reqs.len(), 3);
+
+    let out = ctl(&agent, &["exec", "--no-stdin", "killed"]);
+    assert_eq!(out.status.code(), Some(137));
+    assert!(text(&out.stderr).contains("timed out"));
+    let reqs = agent.requests.lock().unwrap().clone();
+    assert!(reqs[3]["params"]["stdin_base64"].is_null());
+}
+
+#[test]
+fn exec_with_an_output_limit_runs_in_one_call() {
     let agent = fake(standard);
     let out = ctl(
         &agent,
-        &["exec", "--env", "A=1", "--cwd", "/tmp", "--", "fail", "-x"],
+        &["exec", "--max-output-bytes", "100", "--", "fail", "-x"],
     );
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(out.stdout, b"hi\n");
     assert_eq!(out.stderr, [0xff]);
     let req = agent.requests.lock().unwrap()[0].clone();
-    assert_eq!(req["params"]["args"], json!(["-x"]));
-    assert_eq!(req["params"]["env"], json!({"A": "1"}));
-    assert_eq!(req["params"]["cwd"], "/tmp");
+    assert_eq!(req["method"], "exec");
+    assert_eq!(req["params"]["max_output_bytes"], 100);
 
-    let out = ctl(&agent, &["exec", "killed"]);
+    let out = ctl(&agent, &["exec", "--json", "killed"]);
     assert_eq!(out.status.code(), Some(137));
-    assert!(text(&out.stderr).contains("timed out"));
 }
 
 #[test]

@@ -14,7 +14,9 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use kvm_agent_client::protocol::frame::{DEFAULT_MAX_FRAME_BYTES, MIN_MAX_FRAME_BYTES};
 use kvm_agent_client::protocol::methods::core::NoParams;
-use kvm_agent_client::protocol::methods::exec::{Encoding, ExecParams, Output};
+use kvm_agent_client::protocol::methods::exec::{
+    Encoding, ExecParams, ExecStartParams, ExecStatusParams, Output,
+};
 use kvm_agent_client::protocol::methods::files::{CopyFromGuestParams, CopyToGuestParams};
 use kvm_agent_client::protocol::methods::info::{GetInfoParams, GetMetricsParams, Metrics};
 use kvm_agent_client::protocol::methods::power::{PowerAction, PowerParams};
@@ -160,10 +162,15 @@ enum Command {
     /// Run an allowed command in the guest and wait for it to finish.
     ///
     /// The remote standard output and error are written to the local ones
-    /// (decoded from base64 when the agent had to encode them), and
+    /// as they arrive (exec_start, then exec_status polled with offsets, so
+    /// nothing is lost and nothing is held back until the end), and
     /// kvm-agent-ctl exits with the remote exit code (128+N when the command
     /// was killed by signal N). No shell is involved: the arguments are
     /// passed as a vector. Only commands on the agent's allowlist run.
+    /// When the local standard input is not a terminal (a pipe or a file) it
+    /// is read to its end and sent to the command (--no-stdin: don't).
+    /// With --json or --max-output-bytes the command runs with one `exec`
+    /// call instead, and the output is printed when it ends.
     ///
     /// Example: kvm-agent-ctl -c vsock:42:1024 exec --env LANG=C --cwd /tmp -- ls -la
     Exec(ExecArgs),
@@ -241,9 +248,13 @@ struct ExecArgs {
     /// Working directory in the guest (default /).
     #[arg(long, value_name = "DIR")]
     cwd: Option<String>,
-    /// Send the local standard input to the command.
-    #[arg(long)]
+    /// Send the local standard input to the command (the default when it
+    /// is not a terminal).
+    #[arg(long, conflicts_with = "no_stdin")]
     stdin: bool,
+    /// Never send the local standard input, even from a pipe.
+    #[arg(long)]
+    no_stdin: bool,
     /// Keep at most this many bytes of each output stream.
     #[arg(long, value_name = "BYTES")]
     max_output_bytes: Option<u64>,
@@ -658,12 +669,19 @@ fn remote_status(exit_code: Option<i32>, signal: Option<i32>) -> u8 {
     }
 }
 
+/// Whether the local standard input is a terminal.
+fn stdin_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdin().is_terminal()
+}
+
 async fn exec(client: &Client, args: ExecArgs, json: bool) -> Outcome {
     let mut argv = args.argv.into_iter();
     let command = argv
         .next()
         .ok_or_else(|| Failure::Usage("exec needs a command".into()))?;
-    let stdin_base64 = if args.stdin {
+    let send_stdin = args.stdin || (!args.no_stdin && !stdin_is_terminal());
+    let stdin_base64 = if send_stdin {
         let mut buf = Vec::new();
         std::io::stdin()
             .read_to_end(&mut buf)
@@ -672,6 +690,17 @@ async fn exec(client: &Client, args: ExecArgs, json: bool) -> Outcome {
     } else {
         None
     };
+    if !json && args.max_output_bytes.is_none() {
+        let params = ExecStartParams {
+            command,
+            args: argv.collect(),
+            env: args.env.into_iter().collect(),
+            cwd: args.cwd,
+            stdin_base64,
+            timeout_ms: args.timeout_ms,
+        };
+        return exec_streaming(client, params).await;
+    }
     let params = ExecParams {
         command,
         args: argv.collect(),
@@ -716,6 +745,66 @@ async fn exec(client: &Client, args: ExecArgs, json: bool) -> Outcome {
         );
     }
     Ok(status)
+}
+
+/// After the command exited, how long to wait for output that processes it
+/// left in the background still write (their pipes stay open).
+const AFTER_EXIT: Duration = Duration::from_secs(1);
+/// Longest pause between two polls that brought nothing.
+const MAX_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// `exec` as a stream: exec_start, then exec_status from the offsets
+/// reached, writing each piece as it comes.
+async fn exec_streaming(client: &Client, params: ExecStartParams) -> Outcome {
+    let started = client.exec_start(&params).await?;
+    let mut status = ExecStatusParams {
+        handle: started.handle,
+        ..ExecStatusParams::default()
+    };
+    let mut idle = Duration::from_millis(5);
+    let mut quiet_since: Option<std::time::Instant> = None;
+    let last = loop {
+        let st = client.exec_status(&status).await?;
+        let out = decode_output(&st.stdout)?;
+        let err = decode_output(&st.stderr)?;
+        if !out.is_empty() {
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(&out);
+            let _ = stdout.flush();
+        }
+        if !err.is_empty() {
+            let mut stderr = std::io::stderr().lock();
+            let _ = stderr.write_all(&err);
+            let _ = stderr.flush();
+        }
+        status.stdout_offset = st.stdout_next_offset;
+        status.stderr_offset = st.stderr_next_offset;
+        if st.output_complete {
+            break st;
+        }
+        if out.is_empty() && err.is_empty() {
+            if st.exited {
+                let since = *quiet_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= AFTER_EXIT {
+                    eprintln!(
+                        "kvm-agent-ctl: the command exited; processes it left running still hold its output"
+                    );
+                    break st;
+                }
+            }
+            tokio::time::sleep(idle).await;
+            idle = (idle * 2).min(MAX_POLL_INTERVAL);
+        } else {
+            idle = Duration::from_millis(5);
+            quiet_since = None;
+        }
+    };
+    if last.timed_out {
+        eprintln!("kvm-agent-ctl: the command timed out and was killed");
+    } else if let Some(sig) = last.signal {
+        eprintln!("kvm-agent-ctl: the command was killed by signal {sig}");
+    }
+    Ok(remote_status(last.exit_code, last.signal))
 }
 
 fn guest_path(spec: &str) -> Option<&str> {
