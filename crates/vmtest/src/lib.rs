@@ -148,6 +148,9 @@ pub struct GuestConfig {
     pub virtio_serial: bool,
     /// A vhost-user-vsock device served by vhost-device-vsock.
     pub vsock: bool,
+    /// Let a guest reboot restart it (QEMU's default); when false, QEMU runs
+    /// with `-no-reboot` and exits instead.
+    pub reboot: bool,
 }
 
 impl Default for GuestConfig {
@@ -160,6 +163,7 @@ impl Default for GuestConfig {
             log_level: "debug",
             virtio_serial: true,
             vsock: false,
+            reboot: false,
         }
     }
 }
@@ -554,7 +558,12 @@ impl Vm {
         );
         let mut cmd = Command::new(&images.qemu);
         cmd.args(["-accel", "tcg", "-nodefaults", "-no-user-config"])
-            .args(["-display", "none", "-no-reboot", "-smp", "1", "-m", "256M"])
+            .args(["-display", "none", "-smp", "1", "-m", "256M"])
+            .args(if config.reboot {
+                &[][..]
+            } else {
+                &["-no-reboot"][..]
+            })
             .arg("-kernel")
             .arg(&images.kernel)
             .arg("-initrd")
@@ -715,6 +724,21 @@ impl Vm {
              (bound {max_ticks}; a busy loop burns about 100 a second); samples {ticks:?}"
         );
         at
+    }
+
+    /// Wait for QEMU to exit (the guest powered off), within [`TIMEOUT`].
+    pub fn wait_qemu_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.qemu.try_wait().expect("wait for QEMU") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "QEMU still runs {TIMEOUT:?} later: the guest did not power off"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Client options for the tests: every wait bounded by [`TIMEOUT`].

@@ -15,6 +15,8 @@
 #   KVA-LATE-LOADED <mods>   the late modules were loaded
 #   KVA-CPU <ticks>          every second: utime+stime of the agent, in clock ticks
 #   KVA-AGENT-EXITED <code>  the agent is gone
+#   KVA-INIT poweroff requested / reboot requested / halt requested
+#                            busybox poweroff/reboot/halt signalled this init
 # The agent's own log (stderr) goes to the console too.
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /sbin /usr/bin /usr/sbin
@@ -24,6 +26,13 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 
 say() { echo "KVA-$*"; }
+
+# busybox poweroff, reboot and halt (without -f) ask PID 1 by signal: USR2,
+# TERM and USR1. This script is PID 1, so it does what busybox init would
+# (the trap runs once the current `sleep 1` ends).
+trap 'say "INIT poweroff requested"; sync; poweroff -f' USR2
+trap 'say "INIT reboot requested"; sync; reboot -f' TERM
+trap 'say "INIT halt requested"; sync; halt -f' USR1
 
 agent=virtio-serial
 late=virtio_console
