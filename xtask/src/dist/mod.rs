@@ -33,8 +33,8 @@ use crate::{cmd, Result};
 
 pub const AGENT: &str = "kvm-manager-agent";
 pub const CTL: &str = "kvm-agent-ctl";
-/// The static agent must stay under 3 MiB (qemu-ga: 1 MB plus 5 MB of libraries).
-pub const MAX_AGENT_BYTES: u64 = 3 << 20;
+/// The static agent must stay under 3 MB (qemu-ga: 1 MB plus 5 MB of libraries).
+pub const MAX_AGENT_BYTES: u64 = 3_000_000;
 /// Where the project lives, for package metadata.
 pub const HOMEPAGE: &str = "https://github.com/kvm-manager/kvm-manager-agent";
 pub const MAINTAINER: &str =

@@ -155,6 +155,9 @@ pub(crate) fn target_dir() -> PathBuf {
 
 /// The agent as a static binary (glibc, `+crt-static`), in its own target
 /// folder so the different RUSTFLAGS do not invalidate the usual build.
+/// Optimised for size (`opt-level = "s"`): this is the binary the packages
+/// ship, and it must stay under 3 MB (`cargo xtask dist` checks); at the
+/// default level 3 it had reached 3.15 MB, at "s" 2.59 MB.
 pub(crate) fn build_static_agent() -> Result<PathBuf> {
     let triple = "x86_64-unknown-linux-gnu";
     let dir = target_dir().join("static");
@@ -168,6 +171,8 @@ pub(crate) fn build_static_agent() -> Result<PathBuf> {
             "kvm-manager-agent",
             "--target",
             triple,
+            "--config",
+            "profile.release.opt-level=\"s\"",
         ])
         .arg("--target-dir")
         .arg(&dir);
