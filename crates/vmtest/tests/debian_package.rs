@@ -2,12 +2,15 @@
 //! (postinst enables and starts the unit, the agent answers on its
 //! virtio-serial port), the unit's `systemd-analyze security` exposure
 //! against a bare unit, an upgrade that keeps a changed configuration,
-//! kvm-agent-ctl's .deb, then remove and purge leaving nothing behind.
+//! kvm-agent-ctl's .deb, remove and purge leaving nothing behind, then a
+//! reinstall with exec allowed, and a shutdown through the agent.
 //!
 //! Needs `cargo xtask test debian` (images and packages; see
 //! kvm_agent_vmtest::debian). One boot for the whole story.
 
+use kvm_agent_client::protocol::methods::exec::ExecParams;
 use kvm_agent_client::protocol::methods::info::GetInfoParams;
+use kvm_agent_client::protocol::methods::power::PowerParams;
 use kvm_agent_client::Client;
 use kvm_agent_vmtest::debian::{exposure, DebianImages, DebianVm};
 use kvm_agent_vmtest::{check_agent, runtime, Vm};
@@ -173,7 +176,45 @@ fn deb_install_upgrade_remove_purge_under_systemd() {
         "not-found"
     );
 
-    vm.send("systemctl poweroff");
+    // Installed again after the purge, with one command allowed: exec and a
+    // graceful shutdown work under the hardened unit (NoNewPrivileges,
+    // the capability bounding set and the system call filter are inherited by
+    // the commands the agent runs, systemctl poweroff among them).
+    vm.ok("dpkg -i /mnt/agent-old.deb");
+    vm.ok(&format!(
+        "sed -i -e 's/^enable_exec = false/enable_exec = true/' \
+         -e 's|^allowed_commands = \\[\\]|allowed_commands = [\"/usr/bin/id\"]|' {CONF} \
+         && grep -nE '^(enable_exec|allowed_commands)' {CONF} && systemctl restart {UNIT}"
+    ));
+    vm.wait_port_open();
+    let rt = runtime();
+    rt.block_on(async {
+        let client = Client::connect(vm.serial_target(), Vm::client_options())
+            .await
+            .expect("connect to the reinstalled agent");
+        let ran = client
+            .exec(&ExecParams {
+                command: "/usr/bin/id".into(),
+                args: vec!["-u".into()],
+                ..ExecParams::default()
+            })
+            .await
+            .expect("exec /usr/bin/id -u");
+        println!("    exec /usr/bin/id -u: {ran:?}");
+        assert_eq!(ran.exit_code, Some(0), "id -u failed: {ran:?}");
+        assert_eq!(ran.stdout.data.trim(), "0", "id -u under the unit: {ran:?}");
+        let accepted = client
+            .shutdown(&PowerParams {
+                confirm: true,
+                ..PowerParams::default()
+            })
+            .await
+            .expect("shutdown");
+        println!("    shutdown: {accepted:?}");
+    });
     let status = vm.wait_exit();
-    assert!(status.success(), "QEMU exited with {status} after poweroff");
+    assert!(
+        status.success(),
+        "QEMU exited with {status} after the agent's shutdown"
+    );
 }
