@@ -64,11 +64,12 @@ mod imp {
             .unwrap_or_default()
     }
 
-    fn give_buffer(mut b: Vec<u8>, max: usize) {
+    /// Return a buffer to the pool. Its contents stay initialized, so the
+    /// next reader sizes it without zeroing it again.
+    fn give_buffer(b: Vec<u8>, max: usize) {
         if b.capacity() > max {
             return;
         }
-        b.clear();
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < POOL_BUFFERS {
             pool.push(b);
@@ -306,8 +307,10 @@ mod imp {
                 }
                 // The file as long as it was when opened.
                 let mut data = take_buffer();
-                data.resize(opened.size as usize, 0);
-                let n = read_full(&opened.file, &mut data, 0)
+                if data.len() < opened.size as usize {
+                    data.resize(opened.size as usize, 0);
+                }
+                let n = read_full(&opened.file, &mut data[..opened.size as usize], 0)
                     .map_err(|e| FileError::io(&p.path, &e))?;
                 let sha = codec::sha256_hex(&data[..n]);
                 let mut s = String::with_capacity(codec::encoded_len(n) + 128);
@@ -498,8 +501,11 @@ mod imp {
             State::Closed => return Err(FileError::NoHandle { handle: h.id }),
         };
         let mut buf = take_buffer();
-        buf.resize(p.length as usize, 0);
-        let n = read_full(file, &mut buf, p.offset).map_err(|e| FileError::io(&h.path, &e))?;
+        if buf.len() < p.length as usize {
+            buf.resize(p.length as usize, 0);
+        }
+        let n = read_full(file, &mut buf[..p.length as usize], p.offset)
+            .map_err(|e| FileError::io(&h.path, &e))?;
         let size = resolve::fstat(file.as_raw_fd())
             .map(|st| st.st_size as u64)
             .map_err(|e| FileError::io(&h.path, &e))?;
@@ -509,14 +515,17 @@ mod imp {
             .unwrap_or_else(|e| e.into_inner())
             .record(p.offset, &buf[..n], file, false)
             .map_err(|e| FileError::io(&h.path, &e))?;
-        let mut s = String::with_capacity(codec::encoded_len(n) + 40);
-        s.push_str(r#"{"data_base64":""#);
-        codec::base64_encode_into(&buf[..n], &mut s);
-        s.push_str(if eof {
+        // Exactly the reply's size: no reallocation when it becomes a RawValue.
+        const HEAD: &str = r#"{"data_base64":""#;
+        let tail = if eof {
             r#"","eof":true}"#
         } else {
             r#"","eof":false}"#
-        });
+        };
+        let mut s = String::with_capacity(HEAD.len() + codec::encoded_len(n) + tail.len());
+        s.push_str(HEAD);
+        codec::base64_encode_into(&buf[..n], &mut s);
+        s.push_str(tail);
         give_buffer(buf, max);
         Ok((RawValue::from_string(s).expect("valid JSON"), n as u64))
     }

@@ -1,0 +1,99 @@
+//! Upload and download throughput of a large file through the client library
+//! (chunked, pipelined, sha256 verified at both ends), and the agent's peak
+//! memory.
+//!
+//! ```text
+//! mkdir -p /var/tmp/kva-bench && printf '[security]\nallowed_file_paths = ["/var/tmp/kva-bench"]\n' > /tmp/kva-bench.toml
+//! kvm-manager-agent --config /tmp/kva-bench.toml --transport unix:/tmp/kva.sock &
+//! cargo run --release -p kvm-agent-client --example file_throughput -- \
+//!     unix:/tmp/kva.sock /var/tmp/kva-bench 256 1024 4 $(pidof kvm-manager-agent)
+//! ```
+//!
+//! Arguments: TARGET GUEST_DIR [SIZE_MIB=256] [CHUNK_KIB=1024] [PIPELINE=4]
+//! [AGENT_PID]. With the agent's pid it also prints the agent's peak resident
+//! memory (VmHWM), which counts from the agent's start.
+
+use std::time::Instant;
+
+use kvm_agent_client::files::{self, TransferOptions};
+use kvm_agent_client::{Client, ClientOptions, Target};
+
+fn vm_hwm_kib(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage =
+        "usage: file_throughput TARGET GUEST_DIR [SIZE_MIB] [CHUNK_KIB] [PIPELINE] [AGENT_PID]";
+    let target: Target = args.first().expect(usage).parse().expect("a target");
+    let guest_dir = args.get(1).expect(usage).trim_end_matches('/').to_owned();
+    let mib: usize = args.get(2).map_or(256, |s| s.parse().expect("MiB"));
+    let chunk_kib: u32 = args.get(3).map_or(1024, |s| s.parse().expect("KiB"));
+    let pipeline: usize = args.get(4).map_or(4, |s| s.parse().expect("a depth"));
+    let pid = args.get(5).cloned();
+
+    let local = std::env::temp_dir().join(format!("kva-throughput-{}", std::process::id()));
+    let back = local.with_extension("back");
+    let mut data = vec![0u8; mib << 20];
+    let mut x = 0x2545F4914F6CDD1Du64;
+    for w in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+    }
+    std::fs::write(&local, &data).expect("write the local file");
+    drop(data);
+
+    let options = ClientOptions {
+        call_timeout: std::time::Duration::from_secs(300),
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(target, options).await.expect("connect");
+    let opts = TransferOptions {
+        overwrite: true,
+        chunk_bytes: chunk_kib * 1024,
+        pipeline,
+        ..TransferOptions::default()
+    };
+    let guest = format!("{guest_dir}/throughput.bin");
+    let rss = |what: &str| {
+        if let Some(kib) = pid.as_deref().and_then(vm_hwm_kib) {
+            println!(
+                "agent peak RSS after {what}: {:.1} MiB",
+                kib as f64 / 1024.0
+            );
+        }
+    };
+    rss("start");
+    let t = Instant::now();
+    let up = files::upload(&client, &local, &guest, &opts, &mut |_, _| {})
+        .await
+        .expect("upload");
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "upload   {mib} MiB in {secs:.3} s: {:.0} MiB/s (chunks {chunk_kib} KiB, {pipeline} in flight, sha256 {})",
+        mib as f64 / secs,
+        &up.sha256[..16]
+    );
+    rss("upload");
+    let t = Instant::now();
+    let down = files::download(&client, &guest, &back, &opts, &mut |_, _| {})
+        .await
+        .expect("download");
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "download {mib} MiB in {secs:.3} s: {:.0} MiB/s (sha256 {})",
+        mib as f64 / secs,
+        &down.sha256[..16]
+    );
+    rss("download");
+    assert_eq!(up.sha256, down.sha256);
+    let _ = std::fs::remove_file(&local);
+    let _ = std::fs::remove_file(&back);
+    let _ = std::fs::remove_file(&guest);
+}
