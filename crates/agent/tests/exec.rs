@@ -629,3 +629,38 @@ fn the_process_limit_answers_busy() {
     }
     ok(call(&mut c, 5, "exec", json!({"command":"true"})));
 }
+
+#[test]
+fn run_as_drops_user_group_and_supplementary_groups() {
+    let agent = Agent::start(
+        r#"
+[security]
+enable_exec = true
+
+[[security.commands]]
+path = "/usr/bin/id"
+run_as = "nobody"
+"#,
+    );
+    let mut c = agent.connect();
+    let result = ok(call(&mut c, 1, "exec", json!({"command": "/usr/bin/id"})));
+    assert_eq!(result["exit_code"], 0, "{result}");
+    let out = String::from_utf8(bytes(&result["stdout"])).unwrap();
+    let nobody = std::fs::read_to_string("/etc/passwd")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("nobody:"))
+        .map(|l| l.split(':').nth(2).unwrap().to_owned())
+        .expect("a nobody user");
+    assert!(out.starts_with(&format!("uid={nobody}(nobody) ")), "{out}");
+    // No group of root's survives: the only groups are nobody's own.
+    let groups = out.trim().rsplit("groups=").next().unwrap();
+    assert!(!groups.contains("(root)"), "{out}");
+    assert_eq!(groups.split(',').count(), 1, "{out}");
+    // The test runs as root: the same command without run_as would say uid=0.
+    let record = audit(&agent)
+        .into_iter()
+        .find(|r| r["method"] == "exec")
+        .unwrap();
+    assert_eq!(record["outcome"], "ok");
+}
