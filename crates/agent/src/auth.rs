@@ -10,9 +10,9 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use kvm_agent_protocol::auth::{self, Failure, Key, KeyError, ResponseSigner, NONCE_BYTES};
+use kvm_agent_protocol::auth::{self, Failure, Key, KeyError, ResponseSigner};
+pub use kvm_agent_protocol::auth::{now_ms, random_nonce};
 use kvm_agent_protocol::jsonrpc::Request;
 use kvm_agent_protocol::{ErrorCode, ErrorObject};
 use serde_json::json;
@@ -254,46 +254,6 @@ fn check_key_file(key: &'static str, path: &Path) -> Result<(), KeyFileError> {
 #[cfg(not(unix))]
 fn check_key_file(_key: &'static str, _path: &Path) -> Result<(), KeyFileError> {
     Ok(())
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// 16 fresh random bytes for a nonce: from the kernel's random source where
-/// there is one; otherwise from std's randomly keyed hasher over the clock
-/// and a counter (a nonce needs to be unique, not secret).
-pub fn random_nonce() -> [u8; NONCE_BYTES] {
-    let mut out = [0u8; NONCE_BYTES];
-    #[cfg(unix)]
-    {
-        use std::io::Read;
-        if std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut out))
-            .is_ok()
-        {
-            return out;
-        }
-    }
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    for half in out.chunks_mut(8) {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(n);
-        h.write_u128(nanos);
-        half.copy_from_slice(&h.finish().to_le_bytes());
-    }
-    out
 }
 
 #[cfg(test)]

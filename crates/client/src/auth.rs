@@ -3,9 +3,9 @@
 //! (docs/protocol.md, "Authentication").
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use kvm_agent_protocol::auth::{Key, KeyError, NONCE_BYTES};
+pub(crate) use kvm_agent_protocol::auth::{now_ms, random_nonce};
+use kvm_agent_protocol::auth::{Key, KeyError};
 
 /// A shared key for authenticated requests. `Debug` never shows it.
 #[derive(Clone, Debug)]
@@ -57,44 +57,4 @@ impl AuthKey {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
         Key::from_bytes(bytes).map(Self)
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// 16 fresh random bytes: from the kernel's random source where there is
-/// one; otherwise from std's randomly keyed hasher over the clock and a
-/// counter (a nonce must be unique, not secret).
-pub(crate) fn random_nonce() -> [u8; NONCE_BYTES] {
-    let mut out = [0u8; NONCE_BYTES];
-    #[cfg(unix)]
-    {
-        use std::io::Read;
-        if std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut out))
-            .is_ok()
-        {
-            return out;
-        }
-    }
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    for half in out.chunks_mut(8) {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(n);
-        h.write_u128(nanos);
-        half.copy_from_slice(&h.finish().to_le_bytes());
-    }
-    out
 }

@@ -260,6 +260,39 @@ pub struct ResponseAuth {
     pub mac: String,
 }
 
+/// 16 bytes unique to this call, for a nonce: std's randomly keyed SipHash
+/// (its keys come from the operating system's random source, once per
+/// thread) over a process-wide counter and the clock. A nonce must be unique,
+/// not secret; this needs no platform code.
+pub fn random_nonce() -> [u8; NONCE_BYTES] {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut out = [0u8; NONCE_BYTES];
+    for (half, chunk) in out.chunks_mut(8).enumerate() {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(n);
+        h.write_u128(nanos);
+        h.write_usize(half);
+        chunk.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    out
+}
+
+/// Milliseconds since the Unix epoch, as `ts` carries them.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// A nonce as sent: 32 lowercase hex digits.
 pub fn nonce_hex(bytes: &[u8; NONCE_BYTES]) -> String {
     to_hex(bytes)

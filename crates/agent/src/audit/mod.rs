@@ -19,7 +19,7 @@ pub mod sinks;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use kvm_agent_protocol::jsonrpc::Id;
 use kvm_agent_protocol::{ErrorCode, ErrorObject};
@@ -223,13 +223,6 @@ pub fn from_config(config: &crate::config::AuditSection) -> std::io::Result<Audi
     Ok(auditor)
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Who sent a request, for its record.
 #[derive(Clone, Debug)]
 pub struct Origin {
@@ -283,7 +276,7 @@ impl PendingAudit {
         Self {
             auditor,
             record: Some(AuditRecord {
-                time_ms: now_ms(),
+                time_ms: kvm_agent_protocol::auth::now_ms(),
                 transport: origin.transport,
                 peer: origin.peer.clone(),
                 method: method.map(str::to_owned),

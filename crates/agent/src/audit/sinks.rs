@@ -49,9 +49,31 @@ impl Sink for Stderr {
 /// fields (`KVA_METHOD`, `KVA_DECISION`, ...) beside `MESSAGE`.
 #[cfg(unix)]
 #[derive(Debug)]
-pub struct Journald {
+pub struct Journald(Datagram);
+
+/// An unbound unix datagram socket sending each record to one path, with a
+/// bounded wait so a stuck receiver cannot stall the agent.
+#[cfg(unix)]
+#[derive(Debug)]
+struct Datagram {
     socket: std::os::unix::net::UnixDatagram,
     path: PathBuf,
+}
+
+#[cfg(unix)]
+impl Datagram {
+    fn new(path: &Path) -> io::Result<Self> {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        socket.set_write_timeout(Some(std::time::Duration::from_secs(1)))?;
+        Ok(Self {
+            socket,
+            path: path.to_owned(),
+        })
+    }
+
+    fn send(&self, datagram: &[u8]) -> io::Result<()> {
+        self.socket.send_to(datagram, &self.path).map(|_| ())
+    }
 }
 
 /// journald's socket.
@@ -62,12 +84,7 @@ pub const JOURNALD_SOCKET: &str = "/run/systemd/journal/socket";
 impl Journald {
     /// A sink sending to the journal socket at `path`.
     pub fn new(path: &Path) -> io::Result<Self> {
-        let socket = std::os::unix::net::UnixDatagram::unbound()?;
-        socket.set_write_timeout(Some(std::time::Duration::from_secs(1)))?;
-        Ok(Self {
-            socket,
-            path: path.to_owned(),
-        })
+        Datagram::new(path).map(Self)
     }
 
     /// The datagram for a record, in journald's native format.
@@ -128,13 +145,11 @@ impl Journald {
 #[cfg(unix)]
 impl Sink for Journald {
     fn name(&self) -> String {
-        format!("journald ({})", self.path.display())
+        format!("journald ({})", self.0.path.display())
     }
 
     fn write(&self, record: &AuditRecord) -> io::Result<()> {
-        self.socket
-            .send_to(&Self::encode(record), &self.path)
-            .map(|_| ())
+        self.0.send(&Self::encode(record))
     }
 }
 
@@ -142,10 +157,7 @@ impl Sink for Journald {
 /// authpriv, the record as JSON after the summary.
 #[cfg(unix)]
 #[derive(Debug)]
-pub struct Syslog {
-    socket: std::os::unix::net::UnixDatagram,
-    path: PathBuf,
-}
+pub struct Syslog(Datagram);
 
 /// The syslog socket.
 #[cfg(unix)]
@@ -155,12 +167,7 @@ pub const SYSLOG_SOCKET: &str = "/dev/log";
 impl Syslog {
     /// A sink sending to the syslog socket at `path`.
     pub fn new(path: &Path) -> io::Result<Self> {
-        let socket = std::os::unix::net::UnixDatagram::unbound()?;
-        socket.set_write_timeout(Some(std::time::Duration::from_secs(1)))?;
-        Ok(Self {
-            socket,
-            path: path.to_owned(),
-        })
+        Datagram::new(path).map(Self)
     }
 
     /// The datagram for a record.
@@ -186,13 +193,11 @@ impl Syslog {
 #[cfg(unix)]
 impl Sink for Syslog {
     fn name(&self) -> String {
-        format!("syslog ({})", self.path.display())
+        format!("syslog ({})", self.0.path.display())
     }
 
     fn write(&self, record: &AuditRecord) -> io::Result<()> {
-        self.socket
-            .send_to(&Self::encode(record), &self.path)
-            .map(|_| ())
+        self.0.send(&Self::encode(record))
     }
 }
 
