@@ -176,7 +176,8 @@ fn deb_install_upgrade_remove_purge_under_systemd() {
         "not-found"
     );
 
-    // Installed again after the purge, with one command allowed: exec and a
+    // Installed again after the purge, with /usr/bin/id allowed and
+    // /usr/bin/whoami allowed as nobody: exec, run_as and a
     // graceful shutdown work under the hardened unit (NoNewPrivileges,
     // the capability bounding set and the system call filter are inherited by
     // the commands the agent runs, systemctl poweroff among them).
@@ -184,7 +185,8 @@ fn deb_install_upgrade_remove_purge_under_systemd() {
     vm.ok(&format!(
         "sed -i -e 's/^enable_exec = false/enable_exec = true/' \
          -e 's|^allowed_commands = \\[\\]|allowed_commands = [\"/usr/bin/id\"]|' {CONF} \
-         && grep -nE '^(enable_exec|allowed_commands)' {CONF} && systemctl restart {UNIT}"
+         && printf '\\n[[security.commands]]\\npath = \"/usr/bin/whoami\"\\nrun_as = \"nobody\"\\n' >> {CONF} \
+         && grep -nE '^(enable_exec|allowed_commands|path|run_as)' {CONF} && systemctl restart {UNIT}"
     ));
     vm.wait_port_open();
     let rt = runtime();
@@ -203,6 +205,20 @@ fn deb_install_upgrade_remove_purge_under_systemd() {
         println!("    exec /usr/bin/id -u: {ran:?}");
         assert_eq!(ran.exit_code, Some(0), "id -u failed: {ran:?}");
         assert_eq!(ran.stdout.data.trim(), "0", "id -u under the unit: {ran:?}");
+        // run_as under the unit: CAP_SETUID/CAP_SETGID are in its bounding set.
+        let as_nobody = client
+            .exec(&ExecParams {
+                command: "/usr/bin/whoami".into(),
+                ..ExecParams::default()
+            })
+            .await
+            .expect("exec /usr/bin/whoami (run_as nobody)");
+        println!("    exec /usr/bin/whoami as nobody: {as_nobody:?}");
+        assert_eq!(
+            as_nobody.stdout.data.trim(),
+            "nobody",
+            "run_as: {as_nobody:?}"
+        );
         let accepted = client
             .shutdown(&PowerParams {
                 confirm: true,
