@@ -62,6 +62,7 @@ async fn serve(config: Config, transports: Vec<TransportSpec>) -> Result<(), Ser
         log::info!("authentication on: every request must carry a valid HMAC");
     }
     let ctx = Context::new(config, shutdown.clone(), auth).map_err(ServerError::Audit)?;
+    crate::files::tune_allocator();
     #[cfg(unix)]
     if ctx.config.security.enable_file_copy {
         // Uploads cut short by a crash: their temporaries go, off the

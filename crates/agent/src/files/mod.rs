@@ -27,6 +27,25 @@ mod tests;
 use kvm_agent_protocol::{ErrorCode, ErrorObject, MethodName};
 use serde_json::json;
 
+/// Keep the agent's memory bounded under large transfers, whatever the
+/// file's size. With glibc: at most two malloc heaps (the blocking pool runs
+/// file work on several threads, and per-thread heaps keep what they once
+/// held); blocks of 2 MiB and more (the buffers of large chunks) mapped on
+/// their own and returned to the kernel when freed; at most 4 MiB kept free
+/// at the top of a heap. Smaller blocks (1 MiB chunks, the default of the
+/// host tools) are reused from the heap without new page faults. Other C
+/// libraries (musl) return large blocks at once. Called once at start-up.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is called
+    // before the agent starts its threads' heavy allocations.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Why a path or the file it names is refused: the `reason` of a -32000
 /// error, also written to the audit record. The set is fixed within a major
 /// protocol version (docs/protocol.md, "File paths").

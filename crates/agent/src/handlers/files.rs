@@ -55,6 +55,8 @@ mod imp {
 
     /// Buffers kept for reuse between chunks (at most this many).
     const POOL_BUFFERS: usize = 4;
+    /// Largest buffer kept for reuse (a 1 MiB chunk and its base64 text).
+    const POOLED_MAX: usize = 2 << 20;
     static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
     fn take_buffer() -> Vec<u8> {
@@ -67,7 +69,10 @@ mod imp {
     /// Return a buffer to the pool. Its contents stay initialized, so the
     /// next reader sizes it without zeroing it again.
     fn give_buffer(b: Vec<u8>, max: usize) {
-        if b.capacity() > max {
+        // Large chunks' buffers go back to the allocator (and, with
+        // `files::tune_allocator`, to the kernel): the pool holds at most
+        // POOL_BUFFERS * POOLED_MAX bytes.
+        if b.capacity() > max.min(POOLED_MAX) {
             return;
         }
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
