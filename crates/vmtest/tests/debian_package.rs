@@ -44,6 +44,49 @@ fn talk_to_agent(vm: &DebianVm) -> String {
     })
 }
 
+/// The audit trail under systemd goes to journald with structured fields:
+/// the requests `talk_to_agent` sent are there, one record each.
+fn check_audit_in_journal(vm: &DebianVm) {
+    // journald files datagrams asynchronously: wait until the last one is in.
+    let query = "journalctl -o json --no-pager KVA_AUDIT=1";
+    vm.ok(&format!(
+        "for i in $(seq 1 100); do {query} KVA_METHOD=get_info | grep -q KVA_METHOD && break; sleep 0.1; done"
+    ));
+    let out = vm.ok(query);
+    let records: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let count = |method: &str| records.iter().filter(|r| r["KVA_METHOD"] == method).count();
+    assert_eq!(count("ping"), 1, "ping records in the journal: {out}");
+    assert_eq!(count("get_capabilities"), 1, "{out}");
+    assert_eq!(count("get_info"), 1, "{out}");
+    for r in &records {
+        assert_eq!(r["SYSLOG_IDENTIFIER"], "kvm-manager-agent", "{r}");
+        assert_eq!(r["KVA_TRANSPORT"], "virtio-serial", "{r}");
+        assert_eq!(r["KVA_DECISION"], "allowed", "{r}");
+        assert_eq!(r["KVA_OUTCOME"], "ok", "{r}");
+        assert!(
+            r["KVA_PEER"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("virtio-serial /dev/"),
+            "{r}"
+        );
+        assert!(
+            r["MESSAGE"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("audit: "),
+            "{r}"
+        );
+    }
+    vm.log(&format!(
+        "journald holds {} audit records with KVA_* fields",
+        records.len()
+    ));
+}
+
 fn main_pid(vm: &DebianVm) -> String {
     vm.ok(&format!("systemctl show -p MainPID --value {UNIT}"))
         .trim()
@@ -83,6 +126,7 @@ fn deb_install_upgrade_remove_purge_under_systemd() {
     ));
     let hostname = talk_to_agent(&vm);
     assert_eq!(hostname, "kva-debian");
+    check_audit_in_journal(&vm);
     vm.ok(&format!("journalctl -b -u {UNIT} --no-pager | tail -n 20"));
 
     // The hardened unit against the same service with no hardening at all.
