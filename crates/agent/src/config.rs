@@ -986,7 +986,7 @@ mod tests {
 
     #[cfg(unix)]
     #[test]
-    fn group_writable_file_is_refused() {
+    fn group_writable_or_foreign_file_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("kva-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -997,6 +997,14 @@ mod tests {
         assert!(matches!(e, ConfigError::Insecure { .. }), "{e}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         Config::load(&path).unwrap();
+        // Owned by someone who is neither root nor the agent's user: refused.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            let e = Config::load(&path).unwrap_err();
+            assert!(matches!(e, ConfigError::Insecure { .. }), "{e}");
+            assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
