@@ -29,7 +29,7 @@ use kvm_agent_client::Target;
 use serde_json::json;
 
 use crate::{
-    die_with_parent, lock_ignoring_poison, Console, Qmp, Slot, PORT_ID, PORT_NAME, TIMEOUT,
+    accel, die_with_parent, lock_ignoring_poison, Console, Qmp, Slot, PORT_ID, PORT_NAME, TIMEOUT,
 };
 
 /// Paths and versions from xtask.
@@ -116,7 +116,7 @@ impl DebianVm {
         let sock = |n: &str| sock_dir.join(n).display().to_string();
 
         let mut cmd = Command::new(&images.qemu);
-        cmd.args(["-accel", "tcg", "-nodefaults", "-no-user-config"])
+        cmd.args(["-accel", accel(), "-nodefaults", "-no-user-config"])
             .args(["-display", "none", "-no-reboot", "-smp", "1", "-m", "512M"])
             .arg("-kernel")
             .arg(&images.kernel)

@@ -50,15 +50,21 @@
 //! - At most [`MAX_GUESTS`] guests run at once in one test process (a global
 //!   semaphore taken by [`Vm::boot`]); the test binaries run one after the
 //!   other, so that holds for the whole run.
-//! - QEMU always runs with `-accel tcg`: the `/dev/kvm` of the project's
-//!   machines cannot boot Debian's kernel.
+//! - The accelerator comes from `KVA_VM_ACCEL` (`kvm` or `tcg`; unset:
+//!   `tcg`). `cargo xtask vm-test` sets it from a probe it runs once per
+//!   host boot (`auto`: KVM only when `/dev/kvm` opens and a probe guest
+//!   reaches its /init under `-accel kvm` within seconds; see
+//!   xtask/src/vm/accel.rs). On the project's machines `/dev/kvm` exists but
+//!   cannot boot Debian's kernel, so the probe picks TCG.
 //!
 //! # The guest's CPU meter
 //!
-//! The guest's init prints `KVA-CPU <ticks>` every second: utime + stime of
-//! the agent process from `/proc/PID/stat`, in clock ticks (100 a second). A
-//! test reads the agent's CPU time inside the guest from that, with no agent
-//! method involved: see [`Vm::cpu_window`].
+//! The guest's init prints `KVA-CPU <ticks> fds=<n> rss_kib=<kib>` every
+//! second: utime + stime of the agent process from `/proc/PID/stat`, in
+//! clock ticks (100 a second), its open descriptors (`/proc/PID/fd`) and its
+//! resident memory (`VmRSS`). A test reads the agent's CPU time, descriptors
+//! and memory inside the guest from that, with no agent method involved: see
+//! [`Vm::cpu_window`] and [`Console::next_stat`].
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -151,6 +157,18 @@ pub struct GuestConfig {
     /// Let a guest reboot restart it (QEMU's default); when false, QEMU runs
     /// with `-no-reboot` and exits instead.
     pub reboot: bool,
+    /// With `virtio_serial`: the agent's port exists at boot. When false the
+    /// guest has only the virtio-serial controller; [`Vm::hotplug_port`]
+    /// adds the port later.
+    pub port_at_boot: bool,
+    /// The agent's configuration, one of those baked into the initramfs
+    /// (`kva.config`, xtask/src/vm/configs/NAME.toml). Empty: built-in defaults.
+    pub agent_config: &'static str,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// A tmpfs of this many MiB on the guest's /tmp (`kva.tmp_mib`); 0: /tmp
+    /// stays on the initramfs.
+    pub tmp_mib: u32,
 }
 
 impl Default for GuestConfig {
@@ -164,6 +182,10 @@ impl Default for GuestConfig {
             virtio_serial: true,
             vsock: false,
             reboot: false,
+            port_at_boot: true,
+            agent_config: "",
+            memory_mib: 256,
+            tmp_mib: 0,
         }
     }
 }
@@ -343,6 +365,12 @@ impl Console {
     pub fn next_cpu_sample(&self, from: Mark) -> (Mark, u64) {
         self.wait_for(from, "a KVA-CPU sample", parse_cpu_sample)
     }
+
+    /// Wait for the next full `KVA-CPU` line (ticks, descriptors, memory) at
+    /// or after `from`.
+    pub fn next_stat(&self, from: Mark) -> (Mark, AgentStat) {
+        self.wait_for(from, "a KVA-CPU line with fds and rss", parse_stat)
+    }
 }
 
 /// `KVA-CPU 123` anywhere in a line (kernel messages may share it).
@@ -350,6 +378,41 @@ pub fn parse_cpu_sample(line: &str) -> Option<u64> {
     let rest = &line[line.find("KVA-CPU ")? + "KVA-CPU ".len()..];
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
+}
+
+/// What the guest's init reports about the agent once a second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentStat {
+    /// utime + stime, clock ticks.
+    pub ticks: u64,
+    /// Open file descriptors.
+    pub fds: u64,
+    /// Resident memory (VmRSS), KiB.
+    pub rss_kib: u64,
+}
+
+/// `KVA-CPU 12 fds=9 rss_kib=5120` anywhere in a line.
+pub fn parse_stat(line: &str) -> Option<AgentStat> {
+    let ticks = parse_cpu_sample(line)?;
+    let rest = &line[line.find("KVA-CPU ")?..];
+    let field = |name: &str| -> Option<u64> {
+        let v = rest.split_whitespace().find_map(|w| w.strip_prefix(name))?;
+        v.parse().ok()
+    };
+    Some(AgentStat {
+        ticks,
+        fds: field("fds=")?,
+        rss_kib: field("rss_kib=")?,
+    })
+}
+
+/// The accelerator for QEMU's `-accel`: `KVA_VM_ACCEL` (`kvm` or `tcg`,
+/// resolved by xtask's probe); unset or anything else: `tcg`.
+pub fn accel() -> &'static str {
+    match std::env::var("KVA_VM_ACCEL").as_deref() {
+        Ok("kvm") => "kvm",
+        _ => "tcg",
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -545,7 +608,7 @@ impl Vm {
             child
         });
 
-        let append = format!(
+        let mut append = format!(
             "console=ttyS0 quiet panic=-1 kva.agent={} kva.late={} kva.late_after={} kva.log={}",
             config.agent,
             if config.late.is_empty() {
@@ -556,9 +619,16 @@ impl Vm {
             config.late_after_seconds,
             config.log_level
         );
+        if !config.agent_config.is_empty() {
+            let _ = write!(append, " kva.config={}", config.agent_config);
+        }
+        if config.tmp_mib > 0 {
+            let _ = write!(append, " kva.tmp_mib={}", config.tmp_mib);
+        }
+        let memory = format!("{}M", config.memory_mib);
         let mut cmd = Command::new(&images.qemu);
-        cmd.args(["-accel", "tcg", "-nodefaults", "-no-user-config"])
-            .args(["-display", "none", "-smp", "1", "-m", "256M"])
+        cmd.args(["-accel", accel(), "-nodefaults", "-no-user-config"])
+            .args(["-display", "none", "-smp", "1", "-m", &memory])
             .args(if config.reboot {
                 &[][..]
             } else {
@@ -575,8 +645,10 @@ impl Vm {
                 sock_dir.join("qmp.sock").display()
             ));
         if config.virtio_serial {
-            cmd.args(["-device", "virtio-serial-pci,id=vser0"])
-                .arg("-chardev")
+            cmd.args(["-device", "virtio-serial-pci,id=vser0"]);
+        }
+        if config.virtio_serial && config.port_at_boot {
+            cmd.arg("-chardev")
                 .arg(format!(
                     "socket,id=kva,path={},server=on,wait=off",
                     sock_dir.join("kva.sock").display()
@@ -589,7 +661,7 @@ impl Vm {
         if config.vsock {
             cmd.args([
                 "-object",
-                "memory-backend-memfd,id=mem0,size=256M,share=on",
+                &format!("memory-backend-memfd,id=mem0,size={memory},share=on"),
                 "-machine",
                 "memory-backend=mem0",
             ])
@@ -628,10 +700,52 @@ impl Vm {
             _slot: slot,
         };
         vm.log(&format!(
-            "booting: {append} (logs in {})",
+            "booting ({} MiB, -accel {}): {append} (logs in {})",
+            config.memory_mib,
+            accel(),
             vm.log_dir.display()
         ));
         vm
+    }
+
+    /// Hot-plug the agent's port into a guest booted without it
+    /// ([`GuestConfig::port_at_boot`] false): QMP `chardev-add` (a unix
+    /// socket server at [`Self::serial_socket`]), then `device_add` of a
+    /// `virtserialport` on the existing controller's bus.
+    pub fn hotplug_port(&self) {
+        self.qmp.execute(
+            "chardev-add",
+            json!({
+                "id": "kva",
+                "backend": {
+                    "type": "socket",
+                    "data": {
+                        "addr": {
+                            "type": "unix",
+                            "data": { "path": self.serial_socket().display().to_string() }
+                        },
+                        "server": true,
+                        "wait": false
+                    }
+                }
+            }),
+        );
+        self.qmp.execute(
+            "device_add",
+            json!({
+                "driver": "virtserialport",
+                "bus": "vser0.0",
+                "chardev": "kva",
+                "id": PORT_ID,
+                "name": PORT_NAME
+            }),
+        );
+        self.log("hot-plugged the agent's port: QMP chardev-add + device_add virtserialport");
+    }
+
+    /// Run a QMP command; returns its `return` value (panics on `error`).
+    pub fn qmp(&self, command: &str, arguments: Value) -> Value {
+        self.qmp.execute(command, arguments)
     }
 
     /// Print a line to the test's output, prefixed with the guest's name and
@@ -829,5 +943,19 @@ mod tests {
         assert_eq!(parse_cpu_sample("[  1.0] foo KVA-CPU 7"), Some(7));
         assert_eq!(parse_cpu_sample("KVA-CPU x"), None);
         assert_eq!(parse_cpu_sample("KVA-AGENT-PID 12"), None);
+        assert_eq!(parse_cpu_sample("KVA-CPU 42 fds=9 rss_kib=5120"), Some(42));
+    }
+
+    #[test]
+    fn stats_parse() {
+        assert_eq!(
+            parse_stat("[ 3.1] KVA-CPU 42 fds=9 rss_kib=5120"),
+            Some(AgentStat {
+                ticks: 42,
+                fds: 9,
+                rss_kib: 5120
+            })
+        );
+        assert_eq!(parse_stat("KVA-CPU 42"), None);
     }
 }

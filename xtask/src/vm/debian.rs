@@ -116,6 +116,7 @@ pub struct Guest {
 pub fn step(report: &mut Report) -> Result {
     let dist = crate::dist::build()?;
     let guest = prepare()?;
+    let accel = super::accel::choose(&guest.qemu, &guest.kernel, &cache_dir()?)?;
     let next_dir = checks::scratch("deb-next")?;
     let next = dist.agent_deb_next(
         "test1",
@@ -158,6 +159,8 @@ pub fn step(report: &mut Report) -> Result {
         "debian",
         "--test",
         "debian_package",
+        "--test",
+        "debian_guest",
         "--",
         "--nocapture",
     ]);
@@ -171,6 +174,7 @@ pub fn step(report: &mut Report) -> Result {
         test.env(k, v);
     }
     test.env("KVA_VM_LOG_DIR", target_dir().join("vmtest"))
+        .env("KVA_VM_ACCEL", accel)
         .env("KVA_DEBIAN_VERSION_OLD", dist.deb_version())
         .env("KVA_DEBIAN_VERSION_NEW", &next_version);
     let vm_result = run_cargo_test(&mut test, report);

@@ -8,12 +8,19 @@
 #                    devices appear while it runs (default: virtio_console)
 #   kva.late_after=N seconds between starting the agent and loading them (default: 1)
 #   kva.log=LEVEL    the agent's log level (default: info)
+#   kva.config=NAME  start the agent with --config /etc/kva/NAME.toml, one of
+#                    the configurations baked into the initramfs (see
+#                    xtask/src/vm/configs/); default: none (built-in defaults)
+#   kva.tmp_mib=N    mount a tmpfs of N MiB on /tmp (default: /tmp stays on
+#                    the initramfs)
 #
 # Console protocol (ttyS0), read by the harness in crates/vmtest:
 #   KVA-INIT <text>          progress of this script
 #   KVA-AGENT-PID <pid>      the agent was started
 #   KVA-LATE-LOADED <mods>   the late modules were loaded
-#   KVA-CPU <ticks>          every second: utime+stime of the agent, in clock ticks
+#   KVA-CPU <ticks> fds=<n> rss_kib=<kib>
+#                            every second: utime+stime of the agent in clock
+#                            ticks, its open file descriptors, its VmRSS
 #   KVA-AGENT-EXITED <code>  the agent is gone
 #   KVA-INIT poweroff requested / reboot requested / halt requested
 #                            busybox poweroff/reboot/halt signalled this init
@@ -21,6 +28,9 @@
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
+# The initramfs's root comes up world-writable (1777); a real root is 755,
+# and the agent refuses to run commands below a directory others can write.
+chmod 755 /
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -38,15 +48,22 @@ agent=virtio-serial
 late=virtio_console
 late_after=1
 level=info
+config=""
+tmp_mib=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kva.agent=*) agent="${arg#kva.agent=}" ;;
         kva.late=*) late="${arg#kva.late=}" ;;
         kva.late_after=*) late_after="${arg#kva.late_after=}" ;;
         kva.log=*) level="${arg#kva.log=}" ;;
+        kva.config=*) config="${arg#kva.config=}" ;;
+        kva.tmp_mib=*) tmp_mib="${arg#kva.tmp_mib=}" ;;
     esac
 done
-say "INIT agent=$agent late=$late late_after=$late_after log=$level"
+say "INIT agent=$agent late=$late late_after=$late_after log=$level config=${config:-none}"
+if [ -n "$tmp_mib" ]; then
+    mount -t tmpfs -o "size=${tmp_mib}m,mode=1777" tmpfs /tmp || say "INIT cannot mount /tmp"
+fi
 
 is_late() { case ",$late," in *",$1,"*) return 0 ;; esac; return 1; }
 load() { insmod "/lib/modules/$1.ko" || say "INIT insmod $1 failed"; }
@@ -60,6 +77,13 @@ set --
 for t in $(echo "$agent" | tr ',' ' '); do
     set -- "$@" --transport "$t"
 done
+if [ -n "$config" ]; then
+    if [ -f "/etc/kva/$config.toml" ]; then
+        set -- "$@" --config "/etc/kva/$config.toml"
+    else
+        say "INIT no configuration /etc/kva/$config.toml"
+    fi
+fi
 /sbin/kvm-manager-agent "$@" --log-level "$level" </dev/null &
 pid=$!
 say "AGENT-PID $pid"
@@ -79,7 +103,9 @@ while true; do
         say "AGENT-EXITED $?"
         while true; do sleep 3600; done
     fi
-    say "CPU $state"
+    fds=$(ls "/proc/$pid/fd" 2>/dev/null | wc -l)
+    rss=$(awk '$1 == "VmRSS:" { print $2 }' "/proc/$pid/status" 2>/dev/null)
+    say "CPU $state fds=$fds rss_kib=${rss:-0}"
     sleep 1
     n=$((n + 1))
 done

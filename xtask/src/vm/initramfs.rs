@@ -12,6 +12,10 @@ use crate::Result;
 
 const INIT: &str = include_str!("init.sh");
 
+/// Agent configurations the guest's /init selects with `kva.config=NAME`
+/// (installed as `/etc/kva/NAME.toml`).
+pub const CONFIGS: &[(&str, &str)] = &[("e2e", include_str!("configs/e2e.toml"))];
+
 /// Build (or reuse) the initramfs; returns its path.
 pub fn build(
     cache: &Path,
@@ -33,6 +37,7 @@ pub fn build(
         "bin",
         "dev",
         "etc",
+        "etc/kva",
         "lib",
         "lib/modules",
         "sbin",
@@ -46,6 +51,9 @@ pub fn build(
     archive.file("bin/busybox", 0o755, &busybox);
     archive.file("sbin/kvm-manager-agent", 0o755, &agent);
     archive.file("etc/kva-modules", 0o644, order.as_bytes());
+    for (name, text) in CONFIGS {
+        archive.file(&format!("etc/kva/{name}.toml"), 0o644, text.as_bytes());
+    }
     for (name, bytes) in &module_files {
         archive.file(&format!("lib/modules/{name}.ko"), 0o644, bytes);
     }

@@ -10,9 +10,10 @@
 //! `$XDG_CACHE_HOME/kvm-manager-agent` (or `$HOME/.cache/kvm-manager-agent`);
 //! guest console logs go to `target/vmtest/<test>/`.
 
+pub mod accel;
 pub mod debian;
 pub(crate) mod elf;
-mod initramfs;
+pub(crate) mod initramfs;
 mod kernel;
 pub(crate) mod prereqs;
 
@@ -101,6 +102,16 @@ fn run_harness(
     run_cargo_test(&mut test, report)
 }
 
+impl Images {
+    /// The value of one of the `KVA_VM_*` variables.
+    pub fn get(&self, key: &str) -> Option<&Path> {
+        self.vars
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_path())
+    }
+}
+
 /// Install, build and cache everything the guests need.
 pub fn prepare() -> Result<Images> {
     let started = Instant::now();
@@ -116,6 +127,7 @@ pub fn prepare() -> Result<Images> {
         module_names.join(" ")
     );
     let initramfs = initramfs::build(&cache, &agent, &tools.busybox, &kernel.modules)?;
+    let accel = accel::choose(&tools.qemu, &kernel.vmlinux, &cache)?;
     println!(
         "xtask: initramfs {} ({} KiB); images ready in {:.1}s",
         initramfs.display(),
@@ -129,6 +141,7 @@ pub fn prepare() -> Result<Images> {
             ("KVA_VM_KERNEL", kernel.vmlinux),
             ("KVA_VM_INITRAMFS", initramfs),
             ("KVA_VM_LOG_DIR", target_dir().join("vmtest")),
+            ("KVA_VM_ACCEL", PathBuf::from(accel)),
         ],
     })
 }
