@@ -306,6 +306,18 @@ impl Client {
         })
     }
 
+    /// Call `method` with params the caller encoded itself (a JSON object),
+    /// with the default call timeout, and return the raw `result`: for bulk
+    /// data (file chunks), so that nothing is encoded or copied twice.
+    pub async fn call_json(
+        &self,
+        method: &str,
+        params: &RawValue,
+    ) -> Result<Box<RawValue>, ClientError> {
+        self.request_raw(method, Some(&params), self.inner.options.call_timeout)
+            .await
+    }
+
     /// Call a typed method with the default call timeout.
     pub async fn call<M: Method>(&self, params: &M::Params) -> Result<M::Result, ClientError> {
         self.call_with_timeout::<M>(params, self.inner.options.call_timeout)

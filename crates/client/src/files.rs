@@ -21,8 +21,10 @@ use std::path::{Path, PathBuf};
 
 use kvm_agent_protocol::codec::{self, Sha256Stream};
 use kvm_agent_protocol::methods::files::{
-    Access, FileCloseParams, FileOpenParams, FileReadParams, FileWriteParams,
+    Access, FileCloseParams, FileOpenParams, FileReadParams, FileWritten,
 };
+use kvm_agent_protocol::methods::{FileReadMethod, FileWriteMethod, Method};
+use serde_json::value::RawValue;
 use tokio::task::JoinSet;
 
 use crate::{Client, ClientError};
@@ -158,20 +160,20 @@ pub async fn upload(
                 break;
             }
             hasher.update(&buf[..n]);
-            let mut data = String::with_capacity(codec::encoded_len(n));
-            codec::base64_encode_into(&buf[..n], &mut data);
-            let params = FileWriteParams {
-                handle,
-                offset,
-                data_base64: data,
-            };
+            let params = write_params(handle, offset, &buf[..n]);
             offset += n as u64;
             while inflight.len() >= opts.pipeline.max(1) {
                 acked += join(&mut inflight).await?;
                 progress(acked, total);
             }
             let c = client.clone();
-            inflight.spawn(async move { c.file_write(&params).await.map(|w| w.written) });
+            inflight.spawn(async move {
+                let raw = c.call_json(FileWriteMethod::NAME, &params).await?;
+                let w: FileWritten = serde_json::from_str(raw.get()).map_err(|e| {
+                    ClientError::Protocol(format!("unexpected file_write result: {e}"))
+                })?;
+                Ok(w.written)
+            });
         }
         while !inflight.is_empty() {
             acked += join(&mut inflight).await?;
@@ -223,6 +225,25 @@ fn read_full(file: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// `file_write` params, encoded here: the chunk is base64-encoded straight
+/// into the request's JSON text (base64 needs no escaping).
+fn write_params(handle: u64, offset: u64, data: &[u8]) -> Box<RawValue> {
+    let head = format!(r#"{{"handle":{handle},"offset":{offset},"data_base64":""#);
+    let mut s = String::with_capacity(head.len() + codec::encoded_len(data.len()) + 2);
+    s.push_str(&head);
+    codec::base64_encode_into(data, &mut s);
+    s.push_str("\"}");
+    RawValue::from_string(s).expect("valid JSON")
+}
+
+/// A `file_read` result, borrowing the chunk's text from the reply.
+#[derive(serde::Deserialize)]
+struct ChunkRef<'a> {
+    #[serde(borrow)]
+    data_base64: &'a str,
+    eof: bool,
 }
 
 /// A chunk read: its offset, its bytes, whether it reached the end.
@@ -307,13 +328,18 @@ pub async fn download(
                 let offset = next;
                 next += u64::from(chunk);
                 inflight.spawn(async move {
-                    let r = c
-                        .file_read(&FileReadParams {
-                            handle,
-                            offset,
-                            length: chunk,
-                        })
-                        .await?;
+                    let params = serde_json::value::to_raw_value(&FileReadParams {
+                        handle,
+                        offset,
+                        length: chunk,
+                    })
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                    let raw = c.call_json(FileReadMethod::NAME, &params).await?;
+                    // Borrowed from the reply: the chunk's text is decoded in
+                    // place, never copied into a String first.
+                    let r: ChunkRef<'_> = serde_json::from_str(raw.get()).map_err(|e| {
+                        ClientError::Protocol(format!("unexpected file_read result: {e}"))
+                    })?;
                     let data = codec::base64_decode(r.data_base64.as_bytes()).map_err(|e| {
                         ClientError::Protocol(format!("bad base64 from the agent: {e}"))
                     })?;
