@@ -10,6 +10,7 @@ mod dist;
 mod ensure;
 mod test;
 mod vm;
+mod windows;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -21,8 +22,11 @@ const HELP: &str = "\
 Usage: cargo xtask <COMMAND> [ARGS]
 
 Commands:
-  demo                 Build the agent and kvm-agent-ctl, start the agent on a
-                       temporary unix socket and show the CLI talking to it
+  demo [--local]       Boot the minimal busybox guest under QEMU with the agent
+                       inside and show kvm-agent-ctl talking to it: info,
+                       metrics, exec, a file round trip, shutdown (about a
+                       minute); --local: the agent on a temporary unix socket
+                       on this machine instead, no VM
   dist                 Build every artifact into target/dist/: the static agent,
                        kvm-agent-ctl, .deb and .rpm packages, the tarball with
                        install.sh, man pages and shell completions
@@ -35,6 +39,10 @@ Commands:
                        Build the guest images (static agent, Debian kernel,
                        busybox initramfs; cached) and run the VM tests of
                        crates/vmtest under QEMU (TCG)
+  windows-cargo ARGS...
+                       Run cargo for the Windows target (Debian's toolchain,
+                       mingw-w64, tests under Wine; see README \"Building for
+                       Windows\"), e.g. `windows-cargo build -p kvm-manager-agent`
   help                 Show this help
 ";
 
@@ -49,6 +57,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(&args[1..]),
         Some("dist") => dist::run(&args[1..]),
         Some("vm-test") => vm::run(&args[1..]),
+        Some("windows-cargo") => windows::run(&args[1..]),
         Some(other) => Err(format!(
             "unknown command `{other}` (run `cargo xtask help`)"
         )),
