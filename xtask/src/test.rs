@@ -55,6 +55,12 @@ pub const STEPS: &[Step] = &[
         run: cargo_test,
     },
     Step {
+        name: "windows",
+        about: "the Windows target: clippy -D warnings, then the tests under Wine (Debian's rustc-web, mingw-w64)",
+        needs: crate::windows::NEEDS,
+        run: crate::windows::step,
+    },
+    Step {
         name: "packages",
         about: "cargo xtask dist, then lintian, .deb/.rpm contents and scriptlets, rpm into a scratch root, tarball install.sh with --destdir",
         needs: crate::dist::checks::NEEDS,
@@ -177,6 +183,7 @@ fn suite_label(line: &str) -> Option<String> {
     };
     let binary = binary.trim_end_matches(')');
     let file = binary.rsplit('/').next().unwrap_or(binary);
+    let file = file.strip_suffix(".exe").unwrap_or(file);
     let name = match file.rsplit_once('-') {
         Some((name, hash)) if hash.chars().all(|c| c.is_ascii_hexdigit()) => name,
         _ => file,
@@ -349,6 +356,11 @@ mod tests {
             suite_label("     Running tests/roundtrip.rs (target/debug/deps/roundtrip-00ff)")
                 .as_deref(),
             Some("tests/roundtrip.rs (roundtrip)")
+        );
+        assert_eq!(
+            suite_label("     Running tests/x.rs (target/windows/x86_64-pc-windows-gnu/debug/deps/x-00ff.exe)")
+                .as_deref(),
+            Some("tests/x.rs (x)")
         );
         assert_eq!(
             suite_label("   Doc-tests kvm_agent_protocol").as_deref(),
