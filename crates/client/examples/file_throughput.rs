@@ -13,17 +13,30 @@
 //! [AGENT_PID]. With the agent's pid it also prints the agent's peak resident
 //! memory (VmHWM), which counts from the agent's start.
 
+// The client's file transfer is unix-only for now: on other hosts this
+// example only says so.
+#[cfg(not(unix))]
+fn main() {
+    eprintln!("file_throughput: the client's file transfer is available on unix hosts only");
+    std::process::exit(2);
+}
+
+#[cfg(unix)]
 use std::time::Instant;
 
+#[cfg(unix)]
 use kvm_agent_client::files::{self, TransferOptions};
+#[cfg(unix)]
 use kvm_agent_client::{Client, ClientOptions, Target};
 
+#[cfg(unix)]
 fn vm_hwm_kib(pid: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+#[cfg(unix)]
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

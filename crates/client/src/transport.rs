@@ -5,7 +5,6 @@ use std::io;
 use std::pin::Pin;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 
 use crate::error::ClientError;
 use crate::target::Target;
@@ -28,16 +27,31 @@ pub(crate) async fn connect(target: &Target) -> Result<BoxStream, ClientError> {
     };
     match target {
         Target::Unix(path) => {
-            let s = UnixStream::connect(path).await.map_err(connect_err)?;
+            let s = unix_connect(path).await.map_err(connect_err)?;
             Ok(Box::pin(s))
         }
         Target::HybridVsock { path, port } => {
-            let s = UnixStream::connect(path).await.map_err(connect_err)?;
+            let s = unix_connect(path).await.map_err(connect_err)?;
             let s = hybrid_handshake(s, *port).await.map_err(connect_err)?;
             Ok(Box::pin(s))
         }
         Target::Vsock { cid, port } => vsock_connect(target, *cid, *port).await,
     }
+}
+
+#[cfg(unix)]
+async fn unix_connect(path: &std::path::Path) -> io::Result<tokio::net::UnixStream> {
+    tokio::net::UnixStream::connect(path).await
+}
+
+/// Unix sockets (and hybrid vsock, which goes through one) are not available
+/// to this client on other hosts: the connect fails with `Unsupported`.
+#[cfg(not(unix))]
+async fn unix_connect(_path: &std::path::Path) -> io::Result<tokio::io::DuplexStream> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "unix socket targets are only supported on unix hosts",
+    ))
 }
 
 /// Run the hybrid-vsock handshake on `stream`: send `CONNECT <port>\n`, read

@@ -26,6 +26,7 @@ use crate::files::FileError;
 pub const DEFAULT_MODE: u32 = 0o600;
 
 /// Record a failure's facts (the refusal reason) in the audit record.
+#[cfg(unix)]
 fn note_error(audit: &mut PendingAudit, e: &FileError) {
     if let Some(r) = e.reason() {
         audit.detail("reason", r.as_str());
@@ -709,7 +710,6 @@ mod imp {
 #[cfg(not(unix))]
 mod imp_unsupported {
     use super::*;
-    use kvm_agent_protocol::methods::files::*;
 
     macro_rules! unsupported {
         ($name:ident, $params:ty, $result:ty, $m:expr) => {
