@@ -359,24 +359,52 @@ fn default_true() -> bool {
 }
 
 fn default_allowed_file_paths() -> Vec<PathBuf> {
-    vec![PathBuf::from("/tmp"), PathBuf::from("/var/tmp")]
+    if cfg!(unix) {
+        vec![PathBuf::from("/tmp"), PathBuf::from("/var/tmp")]
+    } else {
+        // File transfer on Windows comes with its own path rules; until then
+        // no directory is allowed by default.
+        Vec::new()
+    }
 }
 
 /// Where audit records go besides the optional JSON-lines file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuditDestination {
-    /// journald when its socket exists, else syslog when `/dev/log` exists,
-    /// else stderr.
+    /// On Linux journald when its socket exists, else syslog when `/dev/log`
+    /// exists, else stderr; on Windows the Event Log.
     Auto,
-    /// journald's native socket, with structured fields.
+    /// journald's native socket, with structured fields (Linux only).
     Journald,
-    /// The local syslog socket, facility authpriv.
+    /// The local syslog socket, facility authpriv (Linux only).
     Syslog,
+    /// The Windows Event Log, Application log, source `kvm-manager-agent`
+    /// (Windows only).
+    Eventlog,
     /// Standard error.
     Stderr,
     /// Nowhere but the JSON-lines file (`jsonl_path` must be set).
     None,
+}
+
+impl AuditDestination {
+    /// Why this destination cannot be used on this platform, if it cannot:
+    /// one config file may serve both, but naming the other platform's log
+    /// is a mistake better caught at start than found in an empty trail.
+    pub fn unavailable(self) -> Option<&'static str> {
+        match self {
+            Self::Eventlog if !cfg!(windows) => Some(
+                "\"eventlog\" (the Windows Event Log) exists only on Windows; \
+                 use \"auto\", \"journald\", \"syslog\" or \"stderr\"",
+            ),
+            Self::Journald | Self::Syslog if cfg!(windows) => Some(
+                "\"journald\" and \"syslog\" exist only on Linux; \
+                 on Windows use \"auto\" or \"eventlog\" (the Event Log), or \"stderr\"",
+            ),
+            _ => None,
+        }
+    }
 }
 
 /// `[audit]`
@@ -660,6 +688,9 @@ impl Config {
                 ));
             }
         }
+        if let Some(why) = self.audit.destination.unavailable() {
+            return Err(invalid("audit.destination", why.into()));
+        }
         if self.audit.destination == AuditDestination::None && self.audit.jsonl_path.is_none() {
             return Err(invalid(
                 "audit.destination",
@@ -842,17 +873,22 @@ mod tests {
         let c = parse("").unwrap();
         assert!(!c.security.enable_exec);
         assert!(c.security.enable_file_copy);
-        assert_eq!(
-            c.security.allowed_file_paths,
-            [PathBuf::from("/tmp"), PathBuf::from("/var/tmp")]
-        );
+        let tmp: &[PathBuf] = if cfg!(unix) {
+            &[PathBuf::from("/tmp"), PathBuf::from("/var/tmp")]
+        } else {
+            &[]
+        };
+        assert_eq!(c.security.allowed_file_paths, tmp);
         assert_eq!(c.limits.max_frame_bytes, 16 * 1024 * 1024);
         assert_eq!(c.limits.max_chunk_bytes(), 8 * 1024 * 1024);
         assert_eq!(c.agent.transports, ["virtio-serial"]);
     }
 
     /// The default configuration file shipped in packages (`config.toml`
-    /// beside this crate's manifest) sets every key, to its default.
+    /// beside this crate's manifest) sets every key, to its default. It is
+    /// the Linux file (its paths are Linux paths); the Windows one comes
+    /// with the Windows package.
+    #[cfg(unix)]
     #[test]
     fn shipped_config_file_documents_every_key_with_its_default() {
         let text = include_str!("../config.toml");
@@ -917,6 +953,21 @@ mod tests {
         assert!(e.to_string().contains("audit.destination"), "{e}");
         let e = parse("[audit]\ndestination = \"carrier-pigeon\"\n").unwrap_err();
         assert!(e.to_string().contains("destination"), "{e}");
+        // Each platform refuses the other's log by name.
+        let (foreign, native) = if cfg!(windows) {
+            (["journald", "syslog"], "eventlog")
+        } else {
+            (["eventlog", "eventlog"], "journald")
+        };
+        for d in foreign {
+            let e = parse(&format!("[audit]\ndestination = \"{d}\"\n")).unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains("audit.destination") && text.contains("only on"),
+                "{e}"
+            );
+        }
+        parse(&format!("[audit]\ndestination = \"{native}\"\n")).unwrap();
         let e = parse("[security]\nallowed_file_paths = [\"tmp\"]\n").unwrap_err();
         assert!(e.to_string().contains("allowed_file_paths[0]"), "{e}");
         let e = parse("[security]\nhmac_key_file = \"hmac.key\"\n").unwrap_err();
@@ -931,9 +982,11 @@ mod tests {
             e.to_string().contains("security.hmac_max_skew_seconds"),
             "{e}"
         );
-        let c =
-            parse("[security]\nhmac_key_file = \"/etc/k\"\nhmac_previous_key_file = \"/etc/j\"\n")
-                .unwrap();
+        let root = if cfg!(windows) { "C:/" } else { "/" };
+        let c = parse(&format!(
+            "[security]\nhmac_key_file = \"{root}etc/k\"\nhmac_previous_key_file = \"{root}etc/j\"\n"
+        ))
+        .unwrap();
         assert_eq!(c.security.hmac_max_skew_seconds, 300);
     }
 

@@ -10,11 +10,14 @@
 //! standard input, environment values or keys.
 //!
 //! Destinations ([`sinks`]): journald with structured fields, else syslog,
-//! else stderr (`destination = "auto"`), and optionally a JSON-lines file with
-//! size-based rotation. When a destination fails the agent says so loudly and,
+//! else stderr (`destination = "auto"` on Linux); the Event Log on Windows
+//! ([`eventlog`]); and optionally a JSON-lines file with size-based
+//! rotation. When a destination fails the agent says so loudly and,
 //! unless configured otherwise, refuses privileged requests until it works
 //! again.
 
+#[cfg(windows)]
+pub mod eventlog;
 pub mod sinks;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -196,12 +199,18 @@ pub fn from_config(config: &crate::config::AuditSection) -> std::io::Result<Audi
                 out.push(Box::new(sinks::Syslog::new(syslog)?))
             }
             AuditDestination::Auto => out.push(Box::new(sinks::Stderr)),
+            AuditDestination::Eventlog => return Err(wrong_platform("eventlog")),
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = AuditDestination::Auto;
-        out.push(Box::new(sinks::Stderr));
+    #[cfg(windows)]
+    match config.destination {
+        AuditDestination::Auto | AuditDestination::Eventlog => {
+            out.push(Box::new(eventlog::EventLog::register()?))
+        }
+        AuditDestination::Stderr => out.push(Box::new(sinks::Stderr)),
+        AuditDestination::None => {}
+        AuditDestination::Journald => return Err(wrong_platform("journald")),
+        AuditDestination::Syslog => return Err(wrong_platform("syslog")),
     }
     if let Some(path) = &config.jsonl_path {
         out.push(Box::new(sinks::JsonLines::open(
@@ -221,6 +230,15 @@ pub fn from_config(config: &crate::config::AuditSection) -> std::io::Result<Audi
             .join(", ")
     );
     Ok(auditor)
+}
+
+/// A destination of another platform (validation refuses it first).
+#[cfg(any(unix, windows))]
+fn wrong_platform(destination: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        format!("audit destination \"{destination}\" does not exist on this platform"),
+    )
 }
 
 /// Who sent a request, for its record.

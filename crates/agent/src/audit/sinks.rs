@@ -1,4 +1,5 @@
-//! Where audit records go: journald, syslog, stderr, a JSON-lines file.
+//! Where audit records go: journald, syslog, stderr, a JSON-lines file (and,
+//! on Windows, the Event Log: [`super::eventlog`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -9,6 +10,7 @@ use super::{AuditRecord, Sink};
 
 /// Largest `KVA_DETAILS` value sent to journald or syslog; longer details
 /// are cut (the JSON-lines file keeps them whole).
+#[cfg(unix)]
 const MAX_DETAILS: usize = 32 * 1024;
 
 fn details_json(record: &AuditRecord, limit: usize) -> String {
@@ -22,6 +24,18 @@ fn details_json(record: &AuditRecord, limit: usize) -> String {
         s.push_str("...(truncated)");
     }
     s
+}
+
+/// The record as JSON with its details as one JSON string, cut past `limit`
+/// bytes (the syslog and Event Log forms).
+pub(super) fn flat_json(record: &AuditRecord, limit: usize) -> serde_json::Value {
+    let mut rec = record.clone();
+    rec.details = serde_json::Map::new();
+    let mut json = serde_json::to_value(&rec).unwrap_or_default();
+    if !record.details.is_empty() {
+        json["details"] = serde_json::Value::String(details_json(record, limit));
+    }
+    json
 }
 
 /// Standard error, one line per record (under systemd, journald keeps it).
@@ -174,12 +188,7 @@ impl Syslog {
     pub fn encode(record: &AuditRecord) -> Vec<u8> {
         // authpriv (10) * 8 + notice (5) or info (6)
         let pri = 80 + if record.error_code.is_some() { 5 } else { 6 };
-        let mut rec = record.clone();
-        rec.details = serde_json::Map::new();
-        let mut json = serde_json::to_value(&rec).unwrap_or_default();
-        if !record.details.is_empty() {
-            json["details"] = serde_json::Value::String(details_json(record, MAX_DETAILS));
-        }
+        let json = flat_json(record, MAX_DETAILS);
         format!(
             "<{pri}>kvm-manager-agent[{}]: audit: {} {}",
             std::process::id(),
@@ -317,6 +326,7 @@ mod tests {
         d
     }
 
+    #[cfg(unix)]
     #[test]
     fn journald_datagram_has_structured_fields() {
         let mut rec = record("exec");
@@ -335,6 +345,7 @@ mod tests {
         assert_eq!(d[at + 19 + len], b'\n');
     }
 
+    #[cfg(unix)]
     #[test]
     fn journald_and_syslog_sinks_send_to_their_sockets() {
         let dir = scratch("sockets");
@@ -395,6 +406,8 @@ mod tests {
                 0o600
             );
         }
+        // Closed first: Windows does not remove a folder with an open file.
+        drop(sink);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
