@@ -98,9 +98,13 @@ fn a_thousand_sessions_cut_mid_frame() {
         let cut = if n % 2 == 0 { 2 } else { next.len() / 2 };
         s.write_all(&next[..cut]).unwrap();
         drop(s);
-        // The agent noticed the host left and dropped the partial request;
-        // only then is the next session a new one for it.
+        // The agent noticed the host left and dropped the partial request,
+        // and waits for the next host: only then is the next session a new
+        // one for it. (A host that reconnects faster than the guest sees it
+        // leave is the same session to the guest: virtio-serial only tells
+        // the guest whether a host is attached now.)
         mark = console.wait_contains(mark, "dropped a partial frame");
+        mark = console.wait_contains(mark, "waiting for a host on");
         if n == WARM_UP {
             let b = stat_now(&vm);
             vm.log(&format!("agent after {WARM_UP} sessions: {b:?}"));

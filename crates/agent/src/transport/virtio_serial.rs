@@ -41,6 +41,10 @@ use super::{Connection, Peer};
 /// (a safety net; inotify normally reports the device at once).
 const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
 
+/// How often a waiting read of a host session looks at the port anyway
+/// (see `FdStream::with_recheck`).
+const SESSION_RECHECK: Duration = Duration::from_secs(1);
+
 /// A virtio-serial port, opened when it appears.
 #[derive(Debug)]
 pub struct VirtioSerialTransport {
@@ -88,7 +92,7 @@ impl VirtioSerialTransport {
                     )?);
                     log::info!("host connected on {}", port.path.display());
                     return Ok(Connection {
-                        stream: Box::new(FdStream::new(fd)),
+                        stream: Box::new(FdStream::with_recheck(fd, SESSION_RECHECK)),
                         initial,
                         peer: Peer::VirtioSerial {
                             port: port.path.clone(),
@@ -134,8 +138,13 @@ impl Port {
     /// Returns when a host is attached, with whatever it already sent.
     async fn wait_for_host(&self) -> io::Result<Vec<u8>> {
         let mut buf = vec![0u8; 64 * 1024];
+        let mut said = false;
         loop {
             match read_fd(&self.fd, &mut buf) {
+                Ok(0) if !said => {
+                    log::info!("waiting for a host on {}", self.path.display());
+                    said = true;
+                }
                 Ok(0) => {}
                 Ok(n) => {
                     buf.truncate(n);
