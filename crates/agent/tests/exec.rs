@@ -669,3 +669,20 @@ run_as = "nobody"
         .unwrap();
     assert_eq!(record["outcome"], "ok");
 }
+
+#[test]
+fn a_slow_request_never_delays_ping() {
+    let agent = Agent::start(CONFIG);
+    let mut c = agent.connect();
+    // A request that takes a while (sleep 3, one call), then a ping on the
+    // same connection: the ping's answer comes first.
+    let slow =
+        json!({"jsonrpc":"2.0","id":1,"method":"exec","params":{"command":"sleep","args":["3"]}});
+    c.send(slow.to_string().as_bytes());
+    c.send(br#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#);
+    let first = c.recv();
+    assert_eq!(first["id"], 2, "ping waited behind exec: {first}");
+    let second = c.recv();
+    assert_eq!(second["id"], 1, "{second}");
+    assert_eq!(second["result"]["exit_code"], 0, "{second}");
+}
