@@ -239,6 +239,7 @@ fn resolve_in(name_or_path: &str, dev: &Path, sysfs: &Path) -> Option<PathBuf> {
 /// Open the port, waiting for it to appear first if need be.
 async fn open_when_present(name_or_path: &str) -> io::Result<Port> {
     let mut announced = false;
+    let mut short_waits = 0;
     let watcher = DevWatcher::new();
     loop {
         if let Some(path) = resolve(name_or_path) {
@@ -253,11 +254,45 @@ async fn open_when_present(name_or_path: &str) -> io::Result<Port> {
             log::info!("virtio-serial port {name_or_path} is not there yet; waiting for it");
             announced = true;
         }
+        // A port's device node appears before the host has told the guest
+        // its name (a separate control message; without udev nothing in
+        // /dev changes when it arrives). While some port is still unnamed,
+        // look again soon, for a bounded while.
+        let wait = if !name_or_path.starts_with('/')
+            && unnamed_ports(Path::new(SYSFS_PORTS))
+            && short_waits < MAX_SHORT_WAITS
+        {
+            short_waits += 1;
+            NAME_WAIT
+        } else {
+            RESCAN_INTERVAL
+        };
         match &watcher {
-            Ok(w) => w.wait(RESCAN_INTERVAL).await,
-            Err(_) => tokio::time::sleep(RESCAN_INTERVAL).await,
+            Ok(w) => w.wait(wait).await,
+            Err(_) => tokio::time::sleep(wait).await,
         }
     }
+}
+
+/// Where the kernel lists virtio-serial ports.
+const SYSFS_PORTS: &str = "/sys/class/virtio-ports";
+
+/// How long to wait for a port's name to arrive, per look.
+const NAME_WAIT: Duration = Duration::from_millis(100);
+
+/// Looks at that pace while a port is unnamed, in all (5 s): a port the host
+/// never names must not keep the agent awake.
+const MAX_SHORT_WAITS: u32 = 50;
+
+/// Whether a port exists whose name the host has not sent yet (the driver
+/// creates the `name` attribute only when the name arrives).
+fn unnamed_ports(sysfs: &Path) -> bool {
+    std::fs::read_dir(sysfs).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            std::fs::read_to_string(e.path().join("name"))
+                .map_or(true, |n| matches!(n.trim(), "" | "(null)"))
+        })
+    })
 }
 
 /// inotify on `/dev` and `/dev/virtio-ports`: wakes when device nodes or
@@ -338,6 +373,10 @@ mod tests {
             Some(dev.join("vport1p1"))
         );
         assert_eq!(resolve_in("org.example.absent", &dev, &sys), None);
+        assert!(!unnamed_ports(&sys));
+        std::fs::create_dir_all(sys.join("vport2p1")).unwrap();
+        std::fs::write(sys.join("vport2p1").join("name"), "\n").unwrap();
+        assert!(unnamed_ports(&sys), "a port whose name has not arrived");
         std::fs::write(dev.join("virtio-ports/org.kvmmanager.agent.0"), "").unwrap();
         assert_eq!(
             resolve_in("org.kvmmanager.agent.0", &dev, &sys),
