@@ -914,43 +914,28 @@ mod tests {
         );
     }
 
-    #[test]
-    fn signed_notifications_verify() {
+    /// An agent_ready signed with `keys`, as the host receives it.
+    fn signed_ready(keys: &[Key]) -> crate::jsonrpc::Notification {
         let mut out = Vec::new();
         let params = serde_json::json!({"boot_id": "b"});
-        write_signed_notification(
-            &mut out,
-            &[key(0)],
-            "agent_ready",
-            Some(&params),
-            NOW,
-            &NONCE,
-        )
-        .unwrap();
-        let n = match parse_from_agent(&out).unwrap() {
+        write_signed_notification(&mut out, keys, "agent_ready", Some(&params), NOW, &NONCE)
+            .unwrap();
+        match parse_from_agent(&out).unwrap() {
             FromAgent::Notification(n) => n,
             other => panic!("{other:?}"),
-        };
+        }
+    }
+
+    #[test]
+    fn signed_notifications_verify() {
+        let n = signed_ready(&[key(0)]);
         assert!(verify_notification(&key(0), &n).is_ok());
         assert_eq!(
             verify_notification(&key(1), &n).unwrap_err(),
             ResponseFailure::BadMac
         );
         // During a rollover, hosts on either key can check it.
-        let mut out = Vec::new();
-        write_signed_notification(
-            &mut out,
-            &[key(0), key(1)],
-            "agent_ready",
-            Some(&params),
-            NOW,
-            &NONCE,
-        )
-        .unwrap();
-        let n = match parse_from_agent(&out).unwrap() {
-            FromAgent::Notification(n) => n,
-            other => panic!("{other:?}"),
-        };
+        let n = signed_ready(&[key(0), key(1)]);
         assert!(verify_notification(&key(0), &n).is_ok());
         assert!(verify_notification(&key(1), &n).is_ok());
         assert_eq!(
