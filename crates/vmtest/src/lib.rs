@@ -827,10 +827,21 @@ impl Vm {
     /// Assert that the agent used at most `max_ticks` of CPU over a window of
     /// `samples` seconds starting now; `state` says what the host is doing.
     pub fn assert_quiet(&self, state: &str, samples: usize, max_ticks: u64) -> Mark {
-        // The window opens at the second sample: work that was finishing when
-        // the state changed (start-up scans, the last answer) is not idling.
-        let (at, ticks) = self.cpu_window(self.console.mark(), samples + 1);
-        let ticks = &ticks[1..];
+        // The window opens once a second passes with no CPU used (at most 10
+        // s of waiting): work that was finishing when the state changed
+        // (start-up scans, the last answers, their log lines) is not idling,
+        // and a spinning agent never settles, so it still fails below.
+        let (mut from, mut last) = self.console.next_cpu_sample(self.console.mark());
+        for _ in 0..10 {
+            let (next, t) = self.console.next_cpu_sample(from);
+            from = next;
+            if t == last {
+                break;
+            }
+            last = t;
+        }
+        let (at, ticks) = self.cpu_window(from, samples);
+        let ticks = &ticks[..];
         let used = ticks[ticks.len() - 1] - ticks[0];
         self.log(&format!(
             "agent CPU while {state}: {used} ticks in {samples} s (samples {ticks:?}, bound {max_ticks})"
