@@ -203,7 +203,7 @@ impl LimitsSection {
     /// Largest file chunk: the largest power of two whose base64 form, with
     /// room for the envelope, fits in a frame.
     pub fn max_chunk_bytes(&self) -> u32 {
-        let room = (u64::from(self.max_frame_bytes) - 4096) * 3 / 4;
+        let room = (u64::from(self.max_frame_bytes).saturating_sub(4096) * 3 / 4).max(1);
         1 << (63 - room.leading_zeros())
     }
 
@@ -915,6 +915,10 @@ mod tests {
             ..LimitsSection::default()
         };
         assert_eq!(l.max_chunk_bytes(), 2);
+        // At the smallest frame limit there is no room beyond the envelope:
+        // one byte per chunk, not an overflowed shift.
+        l.max_frame_bytes = MIN_MAX_FRAME_BYTES;
+        assert_eq!(l.max_chunk_bytes(), 1);
         l.max_frame_bytes = 1 << 20;
         assert_eq!(l.max_chunk_bytes(), 512 * 1024);
     }
