@@ -49,6 +49,16 @@ pub enum DispatchError {
     /// Part of the protocol, but this agent has no handler for it yet.
     #[error("{0} is not implemented by this agent yet")]
     NotImplemented(MethodName),
+    /// An attachment where none may be: with a method other than
+    /// `file_write`, or on an authenticated request (a MAC does not cover
+    /// attachments).
+    #[error("{method}: {reason}")]
+    Attachment {
+        /// The method.
+        method: String,
+        /// Why the attachment is refused.
+        reason: &'static str,
+    },
     /// The result could not be encoded (a bug).
     #[error("cannot encode the result of {method}: {detail}")]
     Encode {
@@ -83,6 +93,11 @@ impl From<&DispatchError> for ErrorObject {
             DispatchError::NotImplemented(m) => {
                 ErrorObject::new(ErrorCode::NotImplemented).data(json!({ "method": m.as_str() }))
             }
+            DispatchError::Attachment { method, reason } => ErrorObject::with_message(
+                ErrorCode::InvalidParams,
+                format!("Invalid params: {reason}"),
+            )
+            .data(json!({ "method": method, "reason": reason })),
             DispatchError::Encode { method, .. } => ErrorObject::new(ErrorCode::InternalError)
                 .data(json!({ "method": method.as_str() })),
         }
@@ -103,6 +118,39 @@ pub fn route(call: &Call) -> Route {
     match call {
         Call::Ping(_) | Call::GetCapabilities(_) => Route::Inline,
         _ => Route::Task,
+    }
+}
+
+/// A call's result, and the bytes that follow it in the response frame as
+/// its attachment (`file_read` with `attachment`; see
+/// [`kvm_agent_protocol::attachment`]).
+#[derive(Debug)]
+pub struct Reply {
+    /// The result's JSON.
+    pub result: Box<RawValue>,
+    /// Bytes sent after the result.
+    pub attachment: Option<Vec<u8>>,
+}
+
+impl From<Box<RawValue>> for Reply {
+    fn from(result: Box<RawValue>) -> Self {
+        Self {
+            result,
+            attachment: None,
+        }
+    }
+}
+
+/// Why an attachment cannot go with this request, if it cannot: only
+/// `file_write` takes one, and only unauthenticated (an authentication code
+/// covers the JSON text alone).
+fn attachment_refused(call: &Call, authenticated: bool) -> Option<&'static str> {
+    match call {
+        Call::FileWrite(_) if authenticated => {
+            Some("attachments are not covered by authentication: send data_base64")
+        }
+        Call::FileWrite(_) => None,
+        _ => Some("only file_write takes an attachment"),
     }
 }
 
@@ -191,7 +239,11 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
         }
     };
     let Request {
-        id, method, params, ..
+        id,
+        method,
+        params,
+        attachment,
+        ..
     } = req;
     let refuse = |audit: PendingAudit, decision: Decision, e: &DispatchError| {
         log::debug!("{origin:?}: {method}: {e}");
@@ -203,7 +255,7 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
             signer: signer.clone(),
         }
     };
-    let call = match prepare(ctx, &method, params.as_deref()) {
+    let mut call = match prepare(ctx, &method, params.as_deref()) {
         Ok(call) => call,
         Err(e) => {
             let mut audit = audit;
@@ -223,6 +275,22 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
             return Err(refuse(audit, decision, &e));
         }
     };
+    let attachment_error = |reason| DispatchError::Attachment {
+        method: method.clone(),
+        reason,
+    };
+    if let Some(bytes) = attachment {
+        if let Some(reason) = attachment_refused(&call, signer.is_some()) {
+            return Err(refuse(audit, Decision::Invalid, &attachment_error(reason)));
+        }
+        if let Call::FileWrite(p) = &mut call {
+            p.attachment = Some(bytes);
+        }
+    }
+    if matches!(&call, Call::FileRead(p) if p.attachment && signer.is_some()) {
+        let reason = "attachments are not covered by authentication: read without attachment";
+        return Err(refuse(audit, Decision::Invalid, &attachment_error(reason)));
+    }
     if is_privileged(&call) && !ctx.auditor.permits_privileged() {
         return Err(refuse(
             audit,
@@ -280,7 +348,19 @@ impl Admitted {
 
     /// No slot was free: record it and answer with `error`.
     pub fn refuse_busy(self, error: ErrorObject) -> Refusal {
-        self.audit.refuse(Decision::Busy, &error);
+        self.refuse(Decision::Busy, error)
+    }
+
+    /// Whether the response will carry an attachment (which a batch's
+    /// array cannot hold).
+    pub fn wants_attachment(&self) -> bool {
+        matches!(&self.call, Call::FileRead(p) if p.attachment)
+    }
+
+    /// The call will not run after all: record `decision` and answer with
+    /// `error`.
+    pub fn refuse(self, decision: Decision, error: ErrorObject) -> Refusal {
+        self.audit.refuse(decision, &error);
         Refusal {
             id: self.id,
             error,
@@ -289,7 +369,7 @@ impl Admitted {
     }
 
     /// Run the call and record its outcome. Returns the id and the result.
-    pub async fn run(self, ctx: &Context) -> (Option<Id>, Result<Box<RawValue>, ErrorObject>) {
+    pub async fn run(self, ctx: &Context) -> (Option<Id>, Result<Reply, ErrorObject>) {
         let Admitted {
             id,
             call,
@@ -311,7 +391,7 @@ impl Admitted {
         if let (Ok(raw), Some(written)) = (&result, written) {
             // Only shutdown and reboot carry `written`; their result says
             // what was accepted.
-            if let Ok(accepted) = serde_json::from_str::<PowerAccepted>(raw.get()) {
+            if let Ok(accepted) = serde_json::from_str::<PowerAccepted>(raw.result.get()) {
                 handlers::power::schedule(&ctx.power, &accepted, message, written);
             }
         }
@@ -351,7 +431,7 @@ pub async fn execute(
     ctx: &Context,
     call: Call,
     audit: &mut PendingAudit,
-) -> Result<Box<RawValue>, DispatchError> {
+) -> Result<Reply, DispatchError> {
     use handlers::exec;
     use handlers::files;
     match call {
@@ -367,7 +447,7 @@ pub async fn execute(
         Call::CopyToGuest(p) => {
             encode::<methods::CopyToGuestMethod>(files::copy_to_guest(ctx, p, audit).await?)
         }
-        Call::CopyFromGuest(p) => Ok(files::copy_from_guest(ctx, p, audit).await?),
+        Call::CopyFromGuest(p) => Ok(files::copy_from_guest(ctx, p, audit).await?.into()),
         Call::FileOpen(p) => encode::<methods::FileOpenMethod>(files::open(ctx, p, audit).await?),
         Call::FileRead(p) => Ok(files::read(ctx, p, audit).await?),
         Call::FileWrite(p) => {
@@ -395,11 +475,13 @@ pub async fn execute(
     }
 }
 
-fn encode<M: Method>(result: M::Result) -> Result<Box<RawValue>, DispatchError> {
-    serde_json::value::to_raw_value(&result).map_err(|e| DispatchError::Encode {
-        method: M::ID,
-        detail: e.to_string(),
-    })
+fn encode<M: Method>(result: M::Result) -> Result<Reply, DispatchError> {
+    serde_json::value::to_raw_value(&result)
+        .map(Reply::from)
+        .map_err(|e| DispatchError::Encode {
+            method: M::ID,
+            detail: e.to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -637,7 +719,7 @@ mod tests {
         let mut audit = PendingAudit::open(ctx.auditor.clone(), &origin, Some(method), None);
         execute(ctx, call, &mut audit)
             .await
-            .map(|r| r.get().to_owned())
+            .map(|r| r.result.get().to_owned())
             .map_err(|e| ErrorObject::from(&e))
     }
 
