@@ -176,20 +176,30 @@ pub async fn upload(
         loop {
             // With attachments each chunk is read into its own buffer, which
             // the connection writes as it is.
-            let mut attached = wire.attachments.then(|| vec![0u8; chunk]);
-            let into = attached.as_deref_mut().unwrap_or(&mut buf);
-            let n = read_full(&mut file, into).map_err(lerr)?;
+            // (read into its spare capacity: never zeroed first).
+            let (n, attached) = if wire.attachments {
+                let mut bytes = Vec::with_capacity(chunk);
+                (&mut file)
+                    .take(chunk as u64)
+                    .read_to_end(&mut bytes)
+                    .map_err(lerr)?;
+                (bytes.len(), Some(bytes))
+            } else {
+                (read_full(&mut file, &mut buf).map_err(lerr)?, None)
+            };
             if n == 0 {
                 break;
             }
-            hasher.update(&into[..n]);
-            let params = match &mut attached {
+            let params = match &attached {
                 Some(bytes) => {
-                    bytes.truncate(n);
+                    hasher.update(bytes);
                     RawValue::from_string(format!(r#"{{"handle":{handle},"offset":{offset}}}"#))
                         .expect("valid JSON")
                 }
-                None => write_params(handle, offset, &buf[..n]),
+                None => {
+                    hasher.update(&buf[..n]);
+                    write_params(handle, offset, &buf[..n])
+                }
             };
             offset += n as u64;
             while inflight.len() >= opts.pipeline.max(1) {

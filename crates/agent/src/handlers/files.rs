@@ -502,10 +502,7 @@ mod imp {
             .map(|st| st.st_size as u64)
             .map_err(|e| FileError::io(&h.path, &e))?;
         let eof = n < p.length as usize || p.offset + n as u64 >= size;
-        h.progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .record(p.offset, &buf[..n], file, false)
+        h.record(p.offset, &buf[..n], file, false)
             .map_err(|e| FileError::io(&h.path, &e))?;
         if p.attachment {
             let result = if eof {
@@ -658,10 +655,7 @@ mod imp {
         };
         file.write_all_at(data, offset)
             .map_err(|e| FileError::io(&h.path, &e))?;
-        h.progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .record(offset, data, file, true)
+        h.record(offset, data, file, true)
             .map_err(|e| FileError::io(&h.path, &e))?;
         let n = data.len() as u64;
         drop(state);
