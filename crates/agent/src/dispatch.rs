@@ -193,8 +193,26 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
     let Request {
         id, method, params, ..
     } = req;
+    let decoded = Call::decode(&method, params.as_deref()).map_err(DispatchError::from);
+    admit_call(ctx, origin, audit, id, signer, decoded)
+}
+
+/// The part of the gate every front end shares (this protocol's
+/// [`admit`], and the qemu-guest-agent front end, [`crate::qga`]): given a
+/// request's open audit record and its call (or why it could not be
+/// decoded), check the policy, refuse privileged calls while the audit
+/// trail is down, and record any refusal. Native requests reach it after
+/// authentication.
+pub fn admit_call(
+    ctx: &Context,
+    origin: &Origin,
+    audit: PendingAudit,
+    id: Option<Id>,
+    signer: Option<ResponseSigner>,
+    decoded: Result<Call, DispatchError>,
+) -> Result<Admitted, Refusal> {
     let refuse = |audit: PendingAudit, decision: Decision, e: &DispatchError| {
-        log::debug!("{origin:?}: {method}: {e}");
+        log::debug!("{origin:?}: {e}");
         let error = ErrorObject::from(e);
         audit.refuse(decision, &error);
         Refusal {
@@ -203,7 +221,11 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
             signer: signer.clone(),
         }
     };
-    let call = match prepare(ctx, &method, params.as_deref()) {
+    let checked = decoded.and_then(|call| match ctx.policy.check(&call) {
+        Ok(()) => Ok(call),
+        Err(e) => Err(DispatchError::Denied(e)),
+    });
+    let call = match checked {
         Ok(call) => call,
         Err(e) => {
             let mut audit = audit;
@@ -247,6 +269,31 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
     })
 }
 
+/// For a front end whose requests can be malformed in ways this protocol's
+/// decoder never sees (the qemu-guest-agent front end's arguments): refuse
+/// a request for `method` whose arguments do not decode. A method the
+/// policy disables is refused as denied first (as qemu-ga checks whether a
+/// command is enabled before its arguments); either way the refusal is
+/// recorded once.
+pub fn refuse_undecodable(
+    ctx: &Context,
+    audit: PendingAudit,
+    method: MethodName,
+    error: ErrorObject,
+) -> ErrorObject {
+    match ctx.policy.check_method(method) {
+        Err(p) => {
+            let error = ErrorObject::from(&p);
+            audit.refuse(Decision::Denied, &error);
+            error
+        }
+        Ok(()) => {
+            audit.refuse(Decision::Invalid, &error);
+            error
+        }
+    }
+}
+
 /// Record a request that failed before it could be admitted (a frame that is
 /// not a valid request), with the error it is answered with.
 pub fn reject(ctx: &Context, origin: &Origin, id: Option<&Id>, error: &ErrorObject) {
@@ -286,6 +333,20 @@ impl Admitted {
             error,
             signer: self.signer,
         }
+    }
+
+    /// For another front end's command that needs this call's admission
+    /// but computes its answer itself (the qemu-guest-agent front end's
+    /// `guest-get-vcpus`, say, admitted as `get_metrics`): run `work` in
+    /// place of the handler and record its outcome as [`Admitted::run`]
+    /// would.
+    pub async fn run_instead<T>(
+        self,
+        work: impl std::future::Future<Output = Result<T, ErrorObject>>,
+    ) -> Result<T, ErrorObject> {
+        let result = work.await;
+        self.audit.finish(result.as_ref().map(|_| ()));
+        result
     }
 
     /// Run the call and record its outcome. Returns the id and the result.
