@@ -12,7 +12,8 @@
 //! - Anything else at the top level other than whitespace is a *bad run*:
 //!   the bytes up to the next whitespace, `{`, `[` or 0xFF (a string, a
 //!   number, a stray `}`...). A run earns exactly one error, reported when
-//!   it starts, however long it is.
+//!   it starts, however long it is; further runs before the next message
+//!   or 0xFF earn none (`} } } }` is one error, not four).
 //! - A message longer than the size limit earns one error when it crosses
 //!   the limit; its remaining bytes are skipped without being kept (the
 //!   nesting is still followed, to find its end).
@@ -60,6 +61,8 @@ pub struct Splitter {
     state: State,
     buf: Vec<u8>,
     limit: usize,
+    /// A bad run was reported and no message has started since.
+    quiet: bool,
 }
 
 impl Splitter {
@@ -69,6 +72,7 @@ impl Splitter {
             state: State::Top,
             buf: Vec::new(),
             limit,
+            quiet: false,
         }
     }
 
@@ -81,6 +85,7 @@ impl Splitter {
     pub fn reset(&mut self) {
         self.state = State::Top;
         self.buf = Vec::new();
+        self.quiet = false;
     }
 
     /// Consume bytes from `input` up to and including the first event, and
@@ -99,6 +104,7 @@ impl Splitter {
                 State::Top => match b {
                     b' ' | b'\t' | b'\r' | b'\n' => {}
                     b'{' | b'[' => {
+                        self.quiet = false;
                         self.buf.clear();
                         self.buf.push(b);
                         self.state = State::Message {
@@ -113,7 +119,10 @@ impl Splitter {
                             in_string: b == b'"',
                             escaped: false,
                         };
-                        return (i, Some(Event::BadRun));
+                        if !self.quiet {
+                            self.quiet = true;
+                            return (i, Some(Event::BadRun));
+                        }
                     }
                 },
                 State::Bad { in_string, escaped } => {
@@ -171,10 +180,7 @@ impl Splitter {
                             if done {
                                 self.state = State::Top;
                             }
-                            return (
-                                i,
-                                Some(Event::TooLarge { limit: self.limit }),
-                            );
+                            return (i, Some(Event::TooLarge { limit: self.limit }));
                         }
                         self.buf.push(b);
                     }
@@ -239,8 +245,14 @@ mod tests {
     #[test]
     fn one_error_per_bad_run_and_a_message_right_after() {
         assert_eq!(
-            events(1024, &[b"}}} xyz \"a b\" 42{\"e\":1}"]),
-            [Event::BadRun, Event::BadRun, Event::BadRun, Event::BadRun, msg("{\"e\":1}")]
+            events(1024, &[b"}}} xyz \"a b\" 42{\"e\":1} x {} x"]),
+            [
+                Event::BadRun,
+                msg("{\"e\":1}"),
+                Event::BadRun,
+                msg("{}"),
+                Event::BadRun
+            ]
         );
         let run: Vec<u8> = std::iter::repeat_n(b'x', 100_000).collect();
         assert_eq!(events(16, &[&run, b"\n{}"]), [Event::BadRun, msg("{}")]);
