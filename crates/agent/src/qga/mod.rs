@@ -243,6 +243,10 @@ pub async fn serve(ctx: Arc<Context>, conn: Connection) {
                     Reply::Error(QgaError::generic("JSON parse error, expecting value")),
                     None,
                 ),
+                Event::TooDeep => (
+                    Reply::Error(QgaError::generic("JSON nesting depth limit exceeded")),
+                    None,
+                ),
                 Event::TooLarge { limit } => {
                     log::info!("{peer}: skipping a message larger than {limit} bytes");
                     (

@@ -34,7 +34,12 @@ pub enum Event {
         /// The limit.
         limit: usize,
     },
+    /// A message nests deeper than [`MAX_DEPTH`]; its rest is skipped.
+    TooDeep,
 }
+
+/// Deepest nesting of a message (QEMU's JSON parser allows as much).
+pub const MAX_DEPTH: u32 = 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -165,7 +170,14 @@ impl Splitter {
                     } else {
                         match b {
                             b'"' => *in_string = true,
-                            b'{' | b'[' => *depth = depth.saturating_add(1),
+                            b'{' | b'[' => {
+                                *depth = depth.saturating_add(1);
+                                if *depth == MAX_DEPTH + 1 && *keep {
+                                    *keep = false;
+                                    self.buf = Vec::new();
+                                    return (i, Some(Event::TooDeep));
+                                }
+                            }
                             b'}' | b']' => {
                                 *depth -= 1;
                                 done = *depth == 0;
@@ -285,6 +297,16 @@ mod tests {
         // Exactly at the limit is fine.
         assert_eq!(events(2, &[b"{}"]), [msg("{}")]);
         assert_eq!(events(1, &[b"{}{}"]).len(), 2);
+    }
+
+    #[test]
+    fn too_deep_is_one_error_at_once() {
+        let deep: Vec<u8> = std::iter::repeat_n(b'[', 5000).collect();
+        assert_eq!(events(1 << 20, &[&deep]), [Event::TooDeep]);
+        let mut ok: Vec<u8> = std::iter::repeat_n(b'[', 1024).collect();
+        ok.extend(std::iter::repeat_n(b']', 1024));
+        assert_eq!(events(1 << 20, &[&ok]).len(), 1);
+        assert!(matches!(events(1 << 20, &[&ok])[0], Event::Message(_)));
     }
 
     #[test]
