@@ -13,14 +13,12 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Scratch, PATIENCE};
+use common::{QgaConn as Conn, Scratch, PATIENCE};
 use serde_json::{json, Value};
 
 /// State-changing commands qemu-ga refuses in this test.
@@ -149,72 +147,6 @@ fn start() -> Pair {
         ours,
         scratch,
         _procs: [qga, agent],
-    }
-}
-
-/// A connection reading newline-ended replies (0xFF bytes kept, at the
-/// start of the reply they precede).
-struct Conn {
-    s: UnixStream,
-    buf: Vec<u8>,
-}
-
-impl Conn {
-    fn open(path: &Path) -> Self {
-        let s = UnixStream::connect(path).expect("connect");
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        Conn { s, buf: Vec::new() }
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).unwrap();
-    }
-
-    /// The next reply line, raw (without its newline).
-    fn line(&mut self) -> Vec<u8> {
-        loop {
-            if let Some(at) = self.buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=at).collect();
-                return line[..line.len() - 1].to_vec();
-            }
-            let mut chunk = [0u8; 65536];
-            let n = self
-                .s
-                .read(&mut chunk)
-                .expect("a reply before the patience ran out");
-            assert!(n > 0, "the agent closed the connection");
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    /// The next reply as JSON, with whether 0xFF preceded it.
-    fn reply(&mut self) -> (bool, Value) {
-        let line = self.line();
-        let delimited = line.first() == Some(&0xFF);
-        let text: Vec<u8> = line.into_iter().filter(|b| *b != 0xFF).collect();
-        let v = serde_json::from_slice(&text)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&text)));
-        (delimited, v)
-    }
-
-    fn call(&mut self, request: &str) -> Value {
-        self.send(request.as_bytes());
-        self.reply().1
-    }
-
-    /// Resynchronise as hosts do: 0xFF, then guest-sync-delimited, and
-    /// skip everything up to its answer.
-    fn resync(&mut self, id: i64) {
-        self.send(&[0xFF]);
-        self.send(
-            format!(r#"{{"execute":"guest-sync-delimited","arguments":{{"id":{id}}}}}"#).as_bytes(),
-        );
-        loop {
-            let (delimited, v) = self.reply();
-            if delimited && v["return"] == json!(id) {
-                return;
-            }
-        }
     }
 }
 
