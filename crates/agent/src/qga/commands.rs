@@ -31,7 +31,7 @@ use super::schema::{self, arguments, Envelope, QgaError};
 use super::State;
 use crate::audit::{Decision, Origin, PendingAudit};
 use crate::context::Context;
-use crate::dispatch::{self, Admitted, DispatchError};
+use crate::dispatch::{self, Admitted};
 
 /// How a QGA command is served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -519,7 +519,7 @@ async fn run_inner(
             };
             let admitted = admit(ctx, origin, audit, name, Call::FileRead(params))?;
             if pos.is_none() {
-                return Err(unknown_handle(name, admitted, a.handle).await);
+                return Err(unknown_handle(admitted, a.handle).await);
             }
             let chunk: files::FileChunk = native(ctx, name, admitted).await?;
             let n = decoded_len(&chunk.data_base64);
@@ -557,7 +557,7 @@ async fn run_inner(
             };
             let admitted = admit(ctx, origin, audit, name, Call::FileWrite(params))?;
             if pos.is_none() {
-                return Err(unknown_handle(name, admitted, a.handle).await);
+                return Err(unknown_handle(admitted, a.handle).await);
             }
             let w: files::FileWritten = native(ctx, name, admitted).await?;
             state.file_advance(a.handle, w.written);
@@ -604,7 +604,7 @@ async fn run_inner(
             });
             let admitted = admit(ctx, origin, audit, name, call)?;
             if state.file_pos(a.handle).is_none() {
-                return Err(unknown_handle(name, admitted, a.handle).await);
+                return Err(unknown_handle(admitted, a.handle).await);
             }
             // Writes reach the file as they come; the file is committed
             // (renamed into place) at guest-file-close.
@@ -625,7 +625,7 @@ async fn run_inner(
             });
             let admitted = admit(ctx, origin, audit, name, call)?;
             if !known {
-                return Err(unknown_handle(name, admitted, a.handle).await);
+                return Err(unknown_handle(admitted, a.handle).await);
             }
             let closed: Result<files::FileClosed, QgaError> = native(ctx, name, admitted).await;
             state.file_closed(a.handle);
@@ -646,14 +646,15 @@ fn handle_u64(h: i64) -> u64 {
     u64::try_from(h).unwrap_or(u64::MAX)
 }
 
-async fn unknown_handle(name: &str, admitted: Admitted, handle: i64) -> QgaError {
+/// A handle the front end never handed out (or already closed): qemu-ga's
+/// error, recorded as the admitted call's outcome.
+async fn unknown_handle(admitted: Admitted, handle: i64) -> QgaError {
     let desc = format!("handle '{handle}' has not been found");
     let e = ErrorObject::with_message(ErrorCode::NotFound, desc);
     let e = admitted
         .run_instead(async { Err::<(), _>(e) })
         .await
         .unwrap_err();
-    let _ = name;
     QgaError::generic(e.message)
 }
 
@@ -852,9 +853,6 @@ pub fn output_bytes(o: &Output) -> Vec<u8> {
         Encoding::Base64 => base64_decode(o.data.as_bytes()).unwrap_or_default(),
     }
 }
-
-/// Keep `DispatchError` in the public vocabulary of this module's callers.
-pub type GateError = DispatchError;
 
 #[cfg(test)]
 mod tests {
