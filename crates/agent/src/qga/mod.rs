@@ -12,7 +12,8 @@
 //!   carry no mandatory id, so hosts match them by order. While a request
 //!   runs or its reply waits for the host to read, nothing more is read:
 //!   a host that stops reading stalls its own connection, at no CPU cost,
-//!   and memory stays bounded by the message size limit.
+//!   and memory stays bounded by the message size limit. A running request
+//!   holds one of the agent's request slots (`limits.max_requests_total`).
 //! - Each connection starts with a fresh parser (unlike qemu-ga, a half
 //!   request left by an earlier host does not garble the next one).
 //! - Invalid input earns one error per bad message; after
@@ -238,7 +239,21 @@ pub async fn serve(ctx: Arc<Context>, conn: Connection) {
             input = &input[used..];
             let Some(event) = event else { continue };
             let (reply, id) = match event {
-                Event::Message(m) => commands::handle(&ctx, &ctx.qga, &origin, &m).await,
+                Event::Message(m) => {
+                    // Each request holds one of the agent's request slots
+                    // while it runs (so that shutdown waits for it and
+                    // `max_requests_total` counts it); with none free, it
+                    // waits for one, as the host waits for its reply.
+                    let slot = tokio::select! {
+                        biased;
+                        _ = ctx.shutdown.reached(Phase::Draining) => return,
+                        s = ctx.request_slots.clone().acquire_owned() => s,
+                    };
+                    let Ok(slot) = slot else { return };
+                    let answer = commands::handle(&ctx, &ctx.qga, &origin, &m).await;
+                    drop(slot);
+                    answer
+                }
                 Event::BadRun => (
                     Reply::Error(QgaError::generic("JSON parse error, expecting value")),
                     None,
