@@ -355,6 +355,17 @@ fn queries_answer_in_qemu_gas_shapes() {
             .collect()
     };
     assert_eq!(names(&ours), names(&theirs));
+    // And says the same of which reply nothing on success.
+    let silent = |v: &Value| -> BTreeSet<String> {
+        v["return"]["supported_commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["success-response"] == false)
+            .map(|c| c["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(silent(&ours), silent(&theirs));
     let enabled = |v: &Value, name: &str| {
         v["return"]["supported_commands"]
             .as_array()

@@ -333,7 +333,14 @@ async fn run_inner(
                     .map(|(n, _)| schema::CommandInfo {
                         name: n,
                         enabled: enabled(ctx, n),
-                        success_response: *n != "guest-shutdown",
+                        // As in QEMU's schema: these reply nothing on success.
+                        success_response: !matches!(
+                            *n,
+                            "guest-shutdown"
+                                | "guest-suspend-disk"
+                                | "guest-suspend-ram"
+                                | "guest-suspend-hybrid"
+                        ),
                     })
                     .collect(),
             };
