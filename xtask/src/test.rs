@@ -50,8 +50,8 @@ pub const STEPS: &[Step] = &[
     },
     Step {
         name: "cargo-test",
-        about: "cargo test: unit, integration and doc tests of every crate",
-        needs: &[],
+        about: "cargo test: unit, integration and doc tests of every crate (the qemu-ga conformance suite runs Debian's qemu-ga)",
+        needs: &[Need::Apt("qemu-guest-agent")],
         run: cargo_test,
     },
     Step {

@@ -1,6 +1,7 @@
 //! From a decoded request to its result: method lookup, the policy check
 //! (once, here, for every method), then one `match` that calls the handler.
 
+use kvm_agent_protocol::attachment::Attachment;
 use kvm_agent_protocol::auth::ResponseSigner;
 use kvm_agent_protocol::jsonrpc::{Id, Request};
 use kvm_agent_protocol::methods::files::Access;
@@ -245,8 +246,55 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
         attachment,
         ..
     } = req;
+    let decoded = Call::decode(&method, params.as_deref())
+        .map_err(DispatchError::from)
+        .and_then(|call| attach(call, attachment, signer.is_some()));
+    admit_call(ctx, origin, audit, id, signer, decoded)
+}
+
+/// Give a decoded call its request's attachment, where one may go (see
+/// [`attachment_refused`]); a `file_read` asking for an attachment must not
+/// be authenticated either.
+fn attach(
+    mut call: Call,
+    attachment: Option<Attachment>,
+    authenticated: bool,
+) -> Result<Call, DispatchError> {
+    let refused = |call: &Call, reason| DispatchError::Attachment {
+        method: call.method().as_str().to_owned(),
+        reason,
+    };
+    if let Some(bytes) = attachment {
+        if let Some(reason) = attachment_refused(&call, authenticated) {
+            return Err(refused(&call, reason));
+        }
+        if let Call::FileWrite(p) = &mut call {
+            p.attachment = Some(bytes);
+        }
+    }
+    if matches!(&call, Call::FileRead(p) if p.attachment && authenticated) {
+        let reason = "attachments are not covered by authentication: read without attachment";
+        return Err(refused(&call, reason));
+    }
+    Ok(call)
+}
+
+/// The part of the gate every front end shares (this protocol's
+/// [`admit`], and the qemu-guest-agent front end, [`crate::qga`]): given a
+/// request's open audit record and its call (or why it could not be
+/// decoded), check the policy, refuse privileged calls while the audit
+/// trail is down, and record any refusal. Native requests reach it after
+/// authentication.
+pub fn admit_call(
+    ctx: &Context,
+    origin: &Origin,
+    audit: PendingAudit,
+    id: Option<Id>,
+    signer: Option<ResponseSigner>,
+    decoded: Result<Call, DispatchError>,
+) -> Result<Admitted, Refusal> {
     let refuse = |audit: PendingAudit, decision: Decision, e: &DispatchError| {
-        log::debug!("{origin:?}: {method}: {e}");
+        log::debug!("{origin:?}: {e}");
         let error = ErrorObject::from(e);
         audit.refuse(decision, &error);
         Refusal {
@@ -255,7 +303,11 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
             signer: signer.clone(),
         }
     };
-    let mut call = match prepare(ctx, &method, params.as_deref()) {
+    let checked = decoded.and_then(|call| match ctx.policy.check(&call) {
+        Ok(()) => Ok(call),
+        Err(e) => Err(DispatchError::Denied(e)),
+    });
+    let call = match checked {
         Ok(call) => call,
         Err(e) => {
             let mut audit = audit;
@@ -275,22 +327,6 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
             return Err(refuse(audit, decision, &e));
         }
     };
-    let attachment_error = |reason| DispatchError::Attachment {
-        method: method.clone(),
-        reason,
-    };
-    if let Some(bytes) = attachment {
-        if let Some(reason) = attachment_refused(&call, signer.is_some()) {
-            return Err(refuse(audit, Decision::Invalid, &attachment_error(reason)));
-        }
-        if let Call::FileWrite(p) = &mut call {
-            p.attachment = Some(bytes);
-        }
-    }
-    if matches!(&call, Call::FileRead(p) if p.attachment && signer.is_some()) {
-        let reason = "attachments are not covered by authentication: read without attachment";
-        return Err(refuse(audit, Decision::Invalid, &attachment_error(reason)));
-    }
     if is_privileged(&call) && !ctx.auditor.permits_privileged() {
         return Err(refuse(
             audit,
@@ -313,6 +349,31 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
         audit,
         written,
     })
+}
+
+/// For a front end whose requests can be malformed in ways this protocol's
+/// decoder never sees (the qemu-guest-agent front end's arguments): refuse
+/// a request for `method` whose arguments do not decode. A method the
+/// policy disables is refused as denied first (as qemu-ga checks whether a
+/// command is enabled before its arguments); either way the refusal is
+/// recorded once.
+pub fn refuse_undecodable(
+    ctx: &Context,
+    audit: PendingAudit,
+    method: MethodName,
+    error: ErrorObject,
+) -> ErrorObject {
+    match ctx.policy.check_method(method) {
+        Err(p) => {
+            let error = ErrorObject::from(&p);
+            audit.refuse(Decision::Denied, &error);
+            error
+        }
+        Ok(()) => {
+            audit.refuse(Decision::Invalid, &error);
+            error
+        }
+    }
 }
 
 /// Record a request that failed before it could be admitted (a frame that is
@@ -366,6 +427,20 @@ impl Admitted {
             error,
             signer: self.signer,
         }
+    }
+
+    /// For another front end's command that needs this call's admission
+    /// but computes its answer itself (the qemu-guest-agent front end's
+    /// `guest-get-vcpus`, say, admitted as `get_metrics`): run `work` in
+    /// place of the handler and record its outcome as [`Admitted::run`]
+    /// would.
+    pub async fn run_instead<T>(
+        self,
+        work: impl std::future::Future<Output = Result<T, ErrorObject>>,
+    ) -> Result<T, ErrorObject> {
+        let result = work.await;
+        self.audit.finish(result.as_ref().map(|_| ()));
+        result
     }
 
     /// Run the call and record its outcome. Returns the id and the result.

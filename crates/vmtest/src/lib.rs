@@ -94,6 +94,10 @@ pub const VSOCK_PORT: u32 = 7789;
 pub const GUEST_CID: u32 = 4;
 /// The QEMU id of the virtserialport device (named in `VSERPORT_CHANGE`).
 const PORT_ID: &str = "kvaport";
+/// qemu-guest-agent's port name (the agent's QGA front end serves it).
+pub const QGA_PORT_NAME: &str = "org.qemu.guest_agent.0";
+/// The QEMU id of the QGA virtserialport.
+const QGA_PORT_ID: &str = "qgaport";
 
 /// Paths from `cargo xtask vm-test`.
 #[derive(Debug, Clone)]
@@ -169,6 +173,10 @@ pub struct GuestConfig {
     /// A tmpfs of this many MiB on the guest's /tmp (`kva.tmp_mib`); 0: /tmp
     /// stays on the initramfs.
     pub tmp_mib: u32,
+    /// With `virtio_serial`: also qemu-guest-agent's port,
+    /// `org.qemu.guest_agent.0`, on its own chardev socket
+    /// ([`Vm::qga_socket`]).
+    pub qga_port: bool,
 }
 
 impl Default for GuestConfig {
@@ -186,6 +194,7 @@ impl Default for GuestConfig {
             agent_config: "",
             memory_mib: 256,
             tmp_mib: 0,
+            qga_port: false,
         }
     }
 }
@@ -658,6 +667,17 @@ impl Vm {
                     "virtserialport,bus=vser0.0,chardev=kva,id={PORT_ID},name={PORT_NAME}"
                 ));
         }
+        if config.virtio_serial && config.qga_port {
+            cmd.arg("-chardev")
+                .arg(format!(
+                    "socket,id=qga,path={},server=on,wait=off",
+                    sock_dir.join("qga.sock").display()
+                ))
+                .arg("-device")
+                .arg(format!(
+                    "virtserialport,bus=vser0.0,chardev=qga,id={QGA_PORT_ID},name={QGA_PORT_NAME}"
+                ));
+        }
         if config.vsock {
             cmd.args([
                 "-object",
@@ -770,6 +790,35 @@ impl Vm {
     /// The host end of the agent's virtio-serial port (QEMU's chardev socket).
     pub fn serial_socket(&self) -> PathBuf {
         self.sock_dir.join("kva.sock")
+    }
+
+    /// The host end of qemu-guest-agent's port ([`GuestConfig::qga_port`]).
+    pub fn qga_socket(&self) -> PathBuf {
+        self.sock_dir.join("qga.sock")
+    }
+
+    /// Wait until the guest has opened qemu-guest-agent's port (as
+    /// [`Vm::wait_port_open`] does for the agent's own).
+    pub fn wait_qga_port_open(&self) {
+        let chardevs = self.qmp.execute("query-chardev", json!({}));
+        let open_now = chardevs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["label"] == "qga" && c["frontend-open"] == true);
+        if !open_now {
+            self.qmp.wait("VSERPORT_CHANGE qgaport open=true", |st| {
+                st.events
+                    .iter()
+                    .any(|e| {
+                        e["event"] == "VSERPORT_CHANGE"
+                            && e["data"]["id"] == QGA_PORT_ID
+                            && e["data"]["open"] == true
+                    })
+                    .then_some(())
+            });
+        }
+        self.log("the guest opened qemu-guest-agent's port (VSERPORT_CHANGE open=true)");
     }
 
     /// The client target for the virtio-serial port.

@@ -14,7 +14,10 @@ const INIT: &str = include_str!("init.sh");
 
 /// Agent configurations the guest's /init selects with `kva.config=NAME`
 /// (installed as `/etc/kva/NAME.toml`).
-pub const CONFIGS: &[(&str, &str)] = &[("e2e", include_str!("configs/e2e.toml"))];
+pub const CONFIGS: &[(&str, &str)] = &[
+    ("e2e", include_str!("configs/e2e.toml")),
+    ("qga", include_str!("configs/qga.toml")),
+];
 
 /// Build (or reuse) the initramfs; returns its path.
 pub fn build(

@@ -25,6 +25,11 @@ pub fn os_info() -> Result<OsInfo, PlatformError> {
 }
 
 /// The computer name.
+/// The kernel's build string: none on Windows yet.
+pub fn kernel_version() -> Option<String> {
+    None
+}
+
 pub fn hostname() -> Result<String, PlatformError> {
     unsupported("hostname")
 }
