@@ -3,7 +3,7 @@
 //!
 //! - `system`: boot id, OS version, names, uptime, time zone;
 //! - `net`: adapters and their counters (GetAdaptersAddresses, GetIfEntry2);
-//! - `perf`: CPU times, memory, processes, volumes;
+//! - `perf`: CPU times, memory, processes, disks, volumes;
 //! - `sessions`: logged-in users (WTS).
 //!
 //! Exec and power are not done yet: they answer "unsupported".
