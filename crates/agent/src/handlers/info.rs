@@ -113,7 +113,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             info.os.family,
-            kvm_agent_protocol::methods::info::OsFamily::Windows
+            kvm_agent_protocol::methods::core::OsFamily::Windows
         );
         assert!(!info.hostname.is_empty());
         assert!(info.uptime_seconds > 0.0);
