@@ -433,7 +433,8 @@ pub fn transfers(
          folder and host's file both on tmpfs), sha256 verified each way. Agent CPU is \
          utime+stime for the write and the read together; peak RSS is VmHWM during each \
          transfer (reset before it through /proc/PID/clear_refs); \"after\" is VmRSS once \
-         the read is over.\n\n\
+         the read is over. qemu-ga reads at most 48 MiB a call, and refuses a write whose \
+         base64 text is over its JSON token limit of 64 MiB, which a 48 MiB chunk reaches.\n\n\
          | agent | chunk | in flight | write | read | agent CPU | peak RSS write / read | RSS after |\n\
          |---|---|---|---|---|---|---|---|\n",
         plan.file_mib
@@ -467,7 +468,10 @@ pub fn transfers(
                     s.agent,
                     size_text(s.chunk),
                     s.depth,
-                    err.replace('|', "/")
+                    err.split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                        .replace('|', "/")
                 );
             }
         }

@@ -76,7 +76,10 @@ pub fn requests(setup: &Setup, plan: &Plan, report: &mut Report) -> Res {
     report.value("ping_p50_ours", o50.as_secs_f64());
     report.value("ping_p50_qga", q50.as_secs_f64());
     report.row(
-        format!("ping round trip p50, sequential ({n}; qemu-ga: guest-ping)"),
+        format!(
+            "ping round trip p50, sequential ({} pings; qemu-ga: guest-ping)",
+            crate::report::fmt_num(n as f64)
+        ),
         Fig::time(o50),
         Fig::time(q50),
         Better::Lower,
@@ -102,7 +105,10 @@ pub fn requests(setup: &Setup, plan: &Plan, report: &mut Report) -> Res {
     report.value("pipelined_ours", ro);
     report.value("pipelined_qga", rq);
     report.row(
-        format!("pipelined pings, requests/s ({np} on one connection)"),
+        format!(
+            "pipelined pings, requests/s ({} on one connection)",
+            crate::report::fmt_num(np as f64)
+        ),
         Fig::rate(ro, "req/s"),
         Fig::rate(rq, "req/s"),
         Better::Higher,

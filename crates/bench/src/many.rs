@@ -124,7 +124,10 @@ pub fn connections(setup: &Setup, plan: &Plan, report: &mut Report) -> Res {
         qga_one_at_a_time(&qga.sock).map_err(|e| format!("qemu-ga, two clients: {e}"))?;
 
     report.row(
-        format!("{n} connections at once to one agent, each pinging {pings} times: pings/s"),
+        format!(
+            "{} connections at once to one agent, each pinging {pings} times: pings/s",
+            fmt_num(n as f64)
+        ),
         Fig::rate(rate, "pings/s"),
         Fig::text("not possible: serves one client at a time"),
         Better::Higher,
@@ -157,7 +160,10 @@ pub fn connections(setup: &Setup, plan: &Plan, report: &mut Report) -> Res {
         ));
     }
     report.row(
-        format!("{seq} connections one after another (connect, ping, close): time per connection"),
+        format!(
+            "{} connections one after another (connect, ping, close): time per connection",
+            fmt_num(seq as f64)
+        ),
         Fig::time(rows[0].0),
         Fig::time(rows[1].0),
         Better::Lower,
@@ -172,12 +178,13 @@ pub fn connections(setup: &Setup, plan: &Plan, report: &mut Report) -> Res {
     let mut detail = String::new();
     let _ = writeln!(
         detail,
-        "Ours: {n} connections opened at once from one client process (tokio, 2 threads), \
+        "Ours: {} connections opened at once from one client process (tokio, 2 threads), \
          each waited for its `agent_ready` ({} for all of them), then each sent {pings} \
          pings one after another, all connections at the same time: {} pings in {} \
          ({} pings/s), round trip p50 {} and p99 {} under that load, agent CPU {:.2} s. \
-         The agent's VmRSS went from {:.1} MiB to {:.1} MiB with the {n} connections open \
+         The agent's VmRSS went from {:.1} MiB to {:.1} MiB with the connections open \
          (`[limits] max_connections` raised to 1,100 for this; the default is 64).\n",
+        fmt_num(n as f64),
         fmt_time(connect_time),
         fmt_num(total as f64),
         fmt_time(ping_time),
