@@ -74,6 +74,12 @@ pub const STEPS: &[Step] = &[
         run: crate::vm::step,
     },
     Step {
+        name: "bench",
+        about: "cargo xtask bench --smoke: every benchmark against qemu-guest-agent runs once, briefly (installs qemu-guest-agent; no timing is checked)",
+        needs: &[],
+        run: crate::bench::step,
+    },
+    Step {
         name: "debian",
         about: "the .deb in a Debian bookworm guest under systemd (install, agent answers, upgrade keeps config, remove, purge); tarball install.sh in a chroot",
         needs: crate::vm::debian::NEEDS,
