@@ -13,6 +13,8 @@
 #                    xtask/src/vm/configs/); default: none (built-in defaults)
 #   kva.tmp_mib=N    mount a tmpfs of N MiB on /tmp (default: /tmp stays on
 #                    the initramfs)
+#   kva.lo=up        bring the loopback interface up (127.0.0.1/8, ::1/128);
+#                    default: left down, without addresses
 #
 # Console protocol (ttyS0), read by the harness in crates/vmtest:
 #   KVA-INIT <text>          progress of this script
@@ -50,6 +52,7 @@ late_after=1
 level=info
 config=""
 tmp_mib=""
+lo=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kva.agent=*) agent="${arg#kva.agent=}" ;;
@@ -58,11 +61,15 @@ for arg in $(cat /proc/cmdline); do
         kva.log=*) level="${arg#kva.log=}" ;;
         kva.config=*) config="${arg#kva.config=}" ;;
         kva.tmp_mib=*) tmp_mib="${arg#kva.tmp_mib=}" ;;
+        kva.lo=*) lo="${arg#kva.lo=}" ;;
     esac
 done
 say "INIT agent=$agent late=$late late_after=$late_after log=$level config=${config:-none}"
 if [ -n "$tmp_mib" ]; then
     mount -t tmpfs -o "size=${tmp_mib}m,mode=1777" tmpfs /tmp || say "INIT cannot mount /tmp"
+fi
+if [ "$lo" = up ]; then
+    ip link set lo up || say "INIT cannot bring lo up"
 fi
 
 is_late() { case ",$late," in *",$1,"*) return 0 ;; esac; return 1; }
