@@ -78,6 +78,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub mod debian;
+pub mod libvirt;
 
 use kvm_agent_client::{Client, ClientOptions, Target};
 use serde_json::{json, Value};
