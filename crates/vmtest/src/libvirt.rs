@@ -291,11 +291,28 @@ impl Libvirt {
     /// agent's own `org.kvmmanager.agent.0` (for the test's native client at
     /// [`Domain::native_socket`]). Started paused, so that the console is
     /// read from the first line, then resumed.
-    pub fn start_domain(&self, name: &str, cmdline: &str) -> Domain<'_> {
+    ///
+    /// With `disk_mib`, the domain also has a virtio disk (`vda`) of that
+    /// size with an empty ext4 file system, made with `mke2fs` under the
+    /// private folder (the guest mounts it with `kva.disk=DIR`).
+    pub fn start_domain(&self, name: &str, cmdline: &str, disk_mib: Option<u64>) -> Domain<'_> {
         let images = Images::from_env();
         let slot = Slot::take();
         let g = self.guest_dir();
-        let xml = domain_xml(name, &images, cmdline, &g);
+        let disk = disk_mib.map(|mib| {
+            let path = g.join("disk.img");
+            File::create(&path)
+                .and_then(|f| f.set_len(mib << 20))
+                .unwrap_or_else(|e| panic!("cannot make {}: {e}", path.display()));
+            let status = Command::new("mke2fs")
+                .args(["-q", "-F", "-t", "ext4", "-L", "kvadata"])
+                .arg(&path)
+                .status()
+                .expect("run mke2fs (e2fsprogs)");
+            assert!(status.success(), "mke2fs {}: {status}", path.display());
+            path
+        });
+        let xml = domain_xml(name, &images, cmdline, &g, disk.as_deref());
         let xml_path = self.log_dir.join("domain.xml");
         fs::write(&xml_path, &xml).expect("write domain.xml");
         self.virsh(&["define", &xml_path.display().to_string()]);
@@ -420,7 +437,7 @@ impl Drop for Domain<'_> {
     }
 }
 
-fn domain_xml(name: &str, images: &Images, cmdline: &str, g: &Path) -> String {
+fn domain_xml(name: &str, images: &Images, cmdline: &str, g: &Path, disk: Option<&Path>) -> String {
     let esc = |s: &str| {
         s.replace('&', "&amp;")
             .replace('<', "&lt;")
@@ -428,6 +445,16 @@ fn domain_xml(name: &str, images: &Images, cmdline: &str, g: &Path) -> String {
             .replace('\'', "&apos;")
     };
     let p = |file: &str| esc(&g.join(file).display().to_string());
+    let disk = disk.map_or(String::new(), |d| {
+        format!(
+            "<disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>",
+            esc(&d.display().to_string())
+        )
+    });
     format!(
         "<domain type='qemu'>
   <name>{name}</name>
@@ -448,6 +475,7 @@ fn domain_xml(name: &str, images: &Images, cmdline: &str, g: &Path) -> String {
     <emulator>{qemu}</emulator>
     <controller type='usb' model='none'/>
     <controller type='virtio-serial' index='0'/>
+    {disk}
     <serial type='unix'>
       <source mode='bind' path='{console}'/>
       <target port='0'/>

@@ -89,7 +89,8 @@ fn libvirt_drives_the_qga_front_end() {
     let dom = lv.start_domain(
         DOMAIN,
         "console=ttyS0 quiet panic=-1 kva.agent=virtio-serial kva.late=none \
-         kva.log=debug kva.config=qga kva.tmp_mib=16 kva.lo=up",
+         kva.log=debug kva.config=qga kva.tmp_mib=16 kva.lo=up kva.disk=/mnt/data",
+        Some(16),
     );
     let booted = dom.console().wait_contains(0, "KVA-AGENT-PID");
     let native = native_info(&dom);
@@ -198,34 +199,42 @@ fn libvirt_drives_the_qga_front_end() {
     assert_eq!(get("os.kernel-release"), native.os.kernel_release);
     assert_eq!(get("os.machine"), native.os.machine);
     assert!(get("user.count").parse::<u32>().is_ok(), "{guestinfo}");
+    // guest-get-disks: the domain's one disk, matched to its target name.
+    assert_eq!(get("disk.count"), "1", "{guestinfo}");
+    assert_eq!(get("disk.0.name"), "/dev/vda", "{guestinfo}");
+    assert_eq!(get("disk.0.alias"), "vda", "{guestinfo}");
     get("timezone.offset")
         .parse::<i32>()
         .unwrap_or_else(|e| panic!("timezone.offset: {e}: {guestinfo}"));
 
     // domfsinfo: the file systems on the guest's disks, as the agent's
-    // guest-get-fsinfo lists them. Like qemu-ga, the agent lists only file
-    // systems on block devices; this guest has none (initramfs, proc, sysfs,
-    // devtmpfs, a tmpfs), so both must say so.
+    // guest-get-fsinfo lists them (like qemu-ga, only those on block
+    // devices): the ext4 disk on /mnt/data, which libvirt must match to the
+    // domain's disk `vda` through the PCI address the agent reports.
     let fs = agent_command(&lv, r#"{"execute":"guest-get-fsinfo"}"#);
+    lv.log(&format!("guest-get-fsinfo: {fs}"));
     let fs = fs["return"]
         .as_array()
         .unwrap_or_else(|| panic!("guest-get-fsinfo: {fs}"))
         .clone();
     let fsinfo = lv.virsh(&["domfsinfo", DOMAIN]);
-    lv.log(&format!(
-        "guest-get-fsinfo: {} file systems; virsh domfsinfo:\n{fsinfo}",
-        fs.len()
-    ));
-    if fs.is_empty() {
-        assert_eq!(fsinfo.trim(), "No filesystems are mounted in the domain");
-    } else {
-        let mounts: BTreeSet<String> = rows(&fsinfo).iter().map(|r| r[0].clone()).collect();
-        let want: BTreeSet<String> = fs
-            .iter()
-            .map(|f| f["mountpoint"].as_str().unwrap_or_default().to_string())
-            .collect();
-        assert_eq!(mounts, want, "domfsinfo: {fsinfo}");
-    }
+    lv.log(&format!("virsh domfsinfo:\n{fsinfo}"));
+    let table = rows(&fsinfo);
+    let mounts: BTreeSet<String> = table.iter().map(|r| r[0].clone()).collect();
+    let want: BTreeSet<String> = fs
+        .iter()
+        .map(|f| f["mountpoint"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(mounts, want, "domfsinfo and guest-get-fsinfo: {fsinfo}");
+    let data = table
+        .iter()
+        .find(|r| r[0] == "/mnt/data")
+        .unwrap_or_else(|| panic!("domfsinfo does not list /mnt/data: {fsinfo:?}"));
+    assert_eq!(
+        data[1..],
+        ["vda", "ext4", "vda"].map(String::from),
+        "domfsinfo row for /mnt/data (mount point, name, type, target): {fsinfo:?}"
+    );
 
     // domtime: the guest's clock, seconds since the epoch.
     let time = lv.virsh(&["domtime", DOMAIN]);

@@ -15,6 +15,8 @@
 #                    the initramfs)
 #   kva.lo=up        bring the loopback interface up (127.0.0.1/8, ::1/128);
 #                    default: left down, without addresses
+#   kva.disk=DIR     mount the first virtio disk (/dev/vda, ext4) on DIR
+#                    once the modules are loaded (default: no disk)
 #
 # Console protocol (ttyS0), read by the harness in crates/vmtest:
 #   KVA-INIT <text>          progress of this script
@@ -53,6 +55,7 @@ level=info
 config=""
 tmp_mib=""
 lo=""
+disk=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kva.agent=*) agent="${arg#kva.agent=}" ;;
@@ -62,6 +65,7 @@ for arg in $(cat /proc/cmdline); do
         kva.config=*) config="${arg#kva.config=}" ;;
         kva.tmp_mib=*) tmp_mib="${arg#kva.tmp_mib=}" ;;
         kva.lo=*) lo="${arg#kva.lo=}" ;;
+        kva.disk=*) disk="${arg#kva.disk=}" ;;
     esac
 done
 say "INIT agent=$agent late=$late late_after=$late_after log=$level config=${config:-none}"
@@ -79,6 +83,16 @@ for m in $(cat /etc/kva-modules); do
     is_late "$m" || load "$m"
 done
 say "INIT early modules loaded"
+if [ -n "$disk" ]; then
+    n=0
+    while [ ! -b /dev/vda ] && [ "$n" -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+    mkdir -p "$disk"
+    if mount -t ext4 /dev/vda "$disk"; then
+        say "INIT disk mounted on $disk"
+    else
+        say "INIT cannot mount /dev/vda on $disk"
+    fi
+fi
 
 set --
 for t in $(echo "$agent" | tr ',' ' '); do

@@ -11,7 +11,12 @@ use crate::ensure::{self, Need};
 use crate::{cmd, Result};
 
 /// Debian packages taken from the default suite.
-const APT: &[Need] = &[Need::Apt("busybox-static"), Need::Apt("xz-utils")];
+/// e2fsprogs: `mke2fs` makes the libvirt test's guest disk.
+const APT: &[Need] = &[
+    Need::Apt("busybox-static"),
+    Need::Apt("xz-utils"),
+    Need::Apt("e2fsprogs"),
+];
 
 /// libvirt 9.0 from bookworm, installed after QEMU (so that its QEMU driver
 /// finds the backported QEMU and pulls no other), without recommends:
