@@ -11,6 +11,14 @@
 //! [`Libvirt`] is dropped; `virsh` connects from outside through
 //! `qemu:///system?socket=<folder>/run/libvirt/libvirt-sock`.
 //!
+//! On every exit path of the test (a failed assertion included) the domain
+//! is destroyed, QEMU killed by the pid libvirt recorded, and libvirtd's
+//! process group (libvirtd, virtlogd) killed. If the test process itself is
+//! SIGKILLed, only libvirtd follows it (`PR_SET_PDEATHSIG`): virtlogd and
+//! QEMU stay. (Running libvirtd as the first process of its own PID
+//! namespace would fix that, but libvirtd 9.0's capability probe of QEMU
+//! hangs there: "Failed to terminate process ... Device or resource busy".)
+//!
 //! qemu.conf runs QEMU as root, with no cgroups, no namespaces and no
 //! security driver (there is no init system nor AppArmor to serve them).
 //! Logs: `libvirtd.log` (libvirtd's and virtlogd's stderr), `qemu-domain.log`
