@@ -69,7 +69,7 @@ pub const STEPS: &[Step] = &[
     Step {
         name: "vm",
         about:
-            "VM tests: the agent's virtio-serial and vsock transports in real guests (QEMU, TCG)",
+            "VM tests: the agent's virtio-serial and vsock transports in real guests (QEMU, TCG); virsh's agent commands through a private libvirtd",
         needs: &[],
         run: crate::vm::step,
     },

@@ -34,6 +34,9 @@
 //!   guest's ttyS0: kernel, init and the agent's own log), `qemu.log` (QEMU's
 //!   stderr), `vhost-device-vsock.log`. A failing test prints the console log's
 //!   path and its last lines.
+//! - libvirt (tests/libvirt_qga.rs): a private libvirtd and its domain, see
+//!   [`libvirt`]; its logs (`libvirtd.log`, `qemu-domain.log`, `domain.xml`,
+//!   `console.log`) go to the same `target/vmtest/<test>/`.
 //! - Sockets (QMP, the virtio-serial chardev, vhost-user, the hybrid vsock) go
 //!   to a short-lived folder under the system temporary folder (unix socket
 //!   paths are limited to 108 bytes), removed when the guest is dropped.
@@ -78,6 +81,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub mod debian;
+pub mod libvirt;
 
 use kvm_agent_client::{Client, ClientOptions, Target};
 use serde_json::{json, Value};

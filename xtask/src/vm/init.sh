@@ -17,6 +17,10 @@
 #                    initramfs, which carries /usr/sbin/qemu-ga and its
 #                    libraries) on the port named org.qemu.guest_agent.0
 #   kva.qga_block=L  qemu-ga's -b list (comma-separated RPCs to block)
+#   kva.lo=up        bring the loopback interface up (127.0.0.1/8, ::1/128);
+#                    default: left down, without addresses
+#   kva.disk=DIR     mount the first virtio disk (/dev/vda, ext4) on DIR
+#                    once the modules are loaded (default: no disk)
 #
 # Console protocol (ttyS0), read by the harness in crates/vmtest:
 #   KVA-INIT <text>          progress of this script
@@ -57,6 +61,8 @@ config=""
 tmp_mib=""
 qga=""
 qga_block=""
+lo=""
+disk=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kva.agent=*) agent="${arg#kva.agent=}" ;;
@@ -67,11 +73,16 @@ for arg in $(cat /proc/cmdline); do
         kva.tmp_mib=*) tmp_mib="${arg#kva.tmp_mib=}" ;;
         kva.qga=*) qga="${arg#kva.qga=}" ;;
         kva.qga_block=*) qga_block="${arg#kva.qga_block=}" ;;
+        kva.lo=*) lo="${arg#kva.lo=}" ;;
+        kva.disk=*) disk="${arg#kva.disk=}" ;;
     esac
 done
 say "INIT agent=$agent late=$late late_after=$late_after log=$level config=${config:-none}"
 if [ -n "$tmp_mib" ]; then
     mount -t tmpfs -o "size=${tmp_mib}m,mode=1777" tmpfs /tmp || say "INIT cannot mount /tmp"
+fi
+if [ "$lo" = up ]; then
+    ip link set lo up || say "INIT cannot bring lo up"
 fi
 
 is_late() { case ",$late," in *",$1,"*) return 0 ;; esac; return 1; }
@@ -81,6 +92,16 @@ for m in $(cat /etc/kva-modules); do
     is_late "$m" || load "$m"
 done
 say "INIT early modules loaded"
+if [ -n "$disk" ]; then
+    n=0
+    while [ ! -b /dev/vda ] && [ "$n" -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+    mkdir -p "$disk"
+    if mount -t ext4 /dev/vda "$disk"; then
+        say "INIT disk mounted on $disk"
+    else
+        say "INIT cannot mount /dev/vda on $disk"
+    fi
+fi
 
 set --
 for t in $(echo "$agent" | tr ',' ' '); do

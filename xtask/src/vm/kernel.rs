@@ -18,6 +18,12 @@ pub const WANTED_MODULES: &[&str] = &[
     "virtio_console",
     "vsock",
     "vmw_vsock_virtio_transport",
+    // A virtio disk with a file system, for the libvirt test's domfsinfo.
+    // (ext4 asks the crypto API for crc32c at mount time: not a modinfo
+    // dependency, so named here.)
+    "virtio_blk",
+    "crc32c_generic",
+    "ext4",
 ];
 
 /// An unpacked kernel.

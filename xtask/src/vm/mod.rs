@@ -33,7 +33,7 @@ const HELP: &str = "\
 Usage: cargo xtask vm-test [--env] [TEST_FILTER...] [-- HARNESS_ARGS...]
 
 Builds the static agent, the guest kernel and initramfs (cached), installs
-QEMU and vhost-device-vsock when missing, then runs the VM tests of
+QEMU, libvirt and vhost-device-vsock when missing, then runs the VM tests of
 crates/vmtest (at most two guests at once).
 
   --env    Build everything, then print the environment the tests need
@@ -158,6 +158,9 @@ pub(crate) fn prepare_with(folder: &str, extra: &[initramfs::Extra]) -> Result<I
         vars: vec![
             ("KVA_VM_QEMU", tools.qemu),
             ("KVA_VM_VHOST_DEVICE_VSOCK", tools.vhost_device_vsock),
+            ("KVA_VM_LIBVIRTD", tools.libvirtd),
+            ("KVA_VM_VIRTLOGD", tools.virtlogd),
+            ("KVA_VM_VIRSH", tools.virsh),
             ("KVA_VM_KERNEL", kernel.vmlinux),
             ("KVA_VM_INITRAMFS", initramfs),
             ("KVA_VM_LOG_DIR", target_dir().join("vmtest")),

@@ -1,6 +1,8 @@
 //! Host tools the VM tests need, installed when missing: QEMU from
-//! bookworm-backports, busybox-static, xz, and `vhost-device-vsock` from the
-//! crates registry. A tool that cannot be installed fails the task.
+//! bookworm-backports, busybox-static, xz, bookworm's libvirt (the daemon,
+//! its QEMU driver and virsh, for the test that drives a guest through
+//! libvirt), and `vhost-device-vsock` from the crates registry. A tool that
+//! cannot be installed fails the task.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,7 +11,22 @@ use crate::ensure::{self, Need};
 use crate::{cmd, Result};
 
 /// Debian packages taken from the default suite.
-const APT: &[Need] = &[Need::Apt("busybox-static"), Need::Apt("xz-utils")];
+/// e2fsprogs: `mke2fs` makes the libvirt test's guest disk.
+const APT: &[Need] = &[
+    Need::Apt("busybox-static"),
+    Need::Apt("xz-utils"),
+    Need::Apt("e2fsprogs"),
+];
+
+/// libvirt 9.0 from bookworm, installed after QEMU (so that its QEMU driver
+/// finds the backported QEMU and pulls no other), without recommends:
+/// `libvirt-daemon-system` would bring an init system and is not wanted.
+/// crates/vmtest/src/libvirt.rs runs libvirtd in a private mount namespace.
+const LIBVIRT: &[Need] = &[
+    Need::Apt("libvirt-daemon"),
+    Need::Apt("libvirt-daemon-driver-qemu"),
+    Need::Apt("libvirt-clients"),
+];
 
 const VHOST_DEVICE_VSOCK: Need = Need::CargoTool {
     krate: "vhost-device-vsock",
@@ -26,15 +43,28 @@ pub struct Tools {
     pub qemu: PathBuf,
     pub vhost_device_vsock: PathBuf,
     pub busybox: PathBuf,
+    pub libvirtd: PathBuf,
+    pub virtlogd: PathBuf,
+    pub virsh: PathBuf,
 }
 
 pub fn ensure_all() -> Result<Tools> {
     ensure::all(APT)?;
     ensure_qemu()?;
+    ensure::all(LIBVIRT)?;
     ensure::all(&[VHOST_DEVICE_VSOCK])?;
     let found = |bin: &str| {
         ensure::find_binary(bin)
             .ok_or_else(|| format!("`{bin}` is not in PATH after installing it"))
+    };
+    // Daemons live in /usr/sbin, which a non-root PATH may lack.
+    let sbin = |bin: &str| {
+        let path = Path::new("/usr/sbin").join(bin);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            found(bin)
+        }
     };
     let busybox = PathBuf::from("/bin/busybox");
     if !busybox.is_file() {
@@ -44,6 +74,9 @@ pub fn ensure_all() -> Result<Tools> {
         qemu: found("qemu-system-x86_64")?,
         vhost_device_vsock: found("vhost-device-vsock")?,
         busybox,
+        libvirtd: sbin("libvirtd")?,
+        virtlogd: sbin("virtlogd")?,
+        virsh: found("virsh")?,
     })
 }
 
