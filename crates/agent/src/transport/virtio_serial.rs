@@ -239,7 +239,8 @@ fn resolve_in(name_or_path: &str, dev: &Path, sysfs: &Path) -> Option<PathBuf> {
 /// Open the port, waiting for it to appear first if need be.
 async fn open_when_present(name_or_path: &str) -> io::Result<Port> {
     let mut announced = false;
-    let mut short_waits = 0;
+    let mut name_wait = NAME_WAIT;
+    let mut name_waited = Duration::ZERO;
     let watcher = DevWatcher::new();
     loop {
         if let Some(path) = resolve(name_or_path) {
@@ -257,13 +258,15 @@ async fn open_when_present(name_or_path: &str) -> io::Result<Port> {
         // A port's device node appears before the host has told the guest
         // its name (a separate control message; without udev nothing in
         // /dev changes when it arrives). While some port is still unnamed,
-        // look again soon, for a bounded while.
+        // look again soon, then less and less often, for a bounded while.
         let wait = if !name_or_path.starts_with('/')
             && unnamed_ports(Path::new(SYSFS_PORTS))
-            && short_waits < MAX_SHORT_WAITS
+            && name_waited < NAME_WAIT_TOTAL
         {
-            short_waits += 1;
-            NAME_WAIT
+            let wait = name_wait;
+            name_waited += wait;
+            name_wait = (name_wait * 3 / 2).min(NAME_WAIT_MAX);
+            wait
         } else {
             RESCAN_INTERVAL
         };
@@ -277,12 +280,17 @@ async fn open_when_present(name_or_path: &str) -> io::Result<Port> {
 /// Where the kernel lists virtio-serial ports.
 const SYSFS_PORTS: &str = "/sys/class/virtio-ports";
 
-/// How long to wait for a port's name to arrive, per look.
+/// How long to wait for a port's name to arrive, at the first look; each
+/// next look waits half as long again, up to [`NAME_WAIT_MAX`].
 const NAME_WAIT: Duration = Duration::from_millis(100);
 
-/// Looks at that pace while a port is unnamed, in all (5 s): a port the host
-/// never names must not keep the agent awake.
-const MAX_SHORT_WAITS: u32 = 50;
+/// The longest wait between looks for a port's name.
+const NAME_WAIT_MAX: Duration = Duration::from_secs(2);
+
+/// Looks for names while a port is unnamed for this long in all (about 25
+/// looks): a slow guest (TCG under load) may take seconds to get the name,
+/// and a port the host never names must not keep the agent awake.
+const NAME_WAIT_TOTAL: Duration = Duration::from_secs(40);
 
 /// Whether a port exists whose name the host has not sent yet (the driver
 /// creates the `name` attribute only when the name arrives).
