@@ -55,6 +55,12 @@ pub const STEPS: &[Step] = &[
         run: cargo_test,
     },
     Step {
+        name: "fuzz",
+        about: "every cargo-fuzz target of fuzz/ for 45 s (nightly toolchain, cargo-fuzz installed when missing)",
+        needs: crate::fuzz::NEEDS,
+        run: crate::fuzz::step,
+    },
+    Step {
         name: "windows",
         about: "the Windows target: clippy -D warnings, then the tests under Wine (Debian's rustc-web, mingw-w64)",
         needs: crate::windows::NEEDS,
