@@ -125,7 +125,7 @@ fn thousands_of_connects_and_disconnects_leak_no_descriptors() {
     let mut c = agent.connect();
     c.assert_ping_is_next();
     let before = fds();
-    for i in 0..2_000 {
+    for i in 0..10_000 {
         let mut c = Conn::open(&agent.socket);
         if i % 2 == 0 {
             // Read agent_ready and leave; or leave without reading.
