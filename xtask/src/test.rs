@@ -51,8 +51,15 @@ pub const STEPS: &[Step] = &[
     Step {
         name: "cargo-test",
         about: "cargo test: unit, integration and doc tests of every crate",
-        needs: &[],
+        // The agent's fault tests jump its clock with libfaketime.
+        needs: &[Need::Apt("libfaketime")],
         run: cargo_test,
+    },
+    Step {
+        name: "soak",
+        about: "release build: a million mixed requests (RSS and descriptors flat), a gibibyte of garbage (RSS bounded)",
+        needs: &[],
+        run: soak,
     },
     Step {
         name: "fuzz",
@@ -111,6 +118,23 @@ fn cargo_test(report: &mut Report) -> Result {
         "--exclude",
         crate::vm::HARNESS,
         "--no-fail-fast",
+    ]);
+    run_cargo_test(&mut test, report)
+}
+
+fn soak(report: &mut Report) -> Result {
+    let mut test = cmd::cargo();
+    test.args([
+        "test",
+        "--release",
+        "-p",
+        "kvm-manager-agent",
+        "--test",
+        "soak",
+        "--",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
     ]);
     run_cargo_test(&mut test, report)
 }
