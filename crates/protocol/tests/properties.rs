@@ -156,7 +156,11 @@ proptest! {
         result in prop::option::of(json()),
         code in any::<i64>(),
         message in any::<String>(),
-        data in prop::option::of(json()),
+        // `data`, when present, is an object (docs/protocol.md §4.3).
+        data in prop::option::of(
+            prop::collection::btree_map(any::<String>(), json(), 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ),
     ) {
         let error = ErrorObject { code, message, data };
         let raw = result.as_ref().map(|r| serde_json::value::to_raw_value(r).unwrap());
