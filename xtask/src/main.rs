@@ -4,6 +4,7 @@
 //! its own module. Every command that runs is printed first (`$ cargo ...`), and
 //! any failed step ends the task with a non-zero exit status.
 
+mod bench;
 mod cmd;
 mod demo;
 mod dist;
@@ -23,6 +24,11 @@ const HELP: &str = "\
 Usage: cargo xtask <COMMAND> [ARGS]
 
 Commands:
+  bench [--smoke] [--only SECTION,...]
+                       Benchmark the agent against qemu-guest-agent (unix
+                       sockets here, then both in one TCG guest) and write
+                       the figures into docs/benchmarks.md; --smoke: every
+                       benchmark briefly, only to check that each runs
   demo [--local]       Boot the minimal busybox guest under QEMU with the agent
                        inside and show kvm-agent-ctl talking to it: info,
                        metrics, exec, a file round trip, shutdown (about a
@@ -58,6 +64,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Some("test") => test::run(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
         Some("dist") => dist::run(&args[1..]),
         Some("vm-test") => vm::run(&args[1..]),

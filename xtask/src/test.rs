@@ -50,9 +50,8 @@ pub const STEPS: &[Step] = &[
     },
     Step {
         name: "cargo-test",
-        about: "cargo test: unit, integration and doc tests of every crate",
-        // The agent's fault tests jump its clock with libfaketime.
-        needs: &[Need::Apt("libfaketime")],
+        about: "cargo test: unit, integration and doc tests of every crate (the qemu-ga conformance suite runs Debian's qemu-ga; the agent's fault tests jump its clock with libfaketime)",
+        needs: &[Need::Apt("qemu-guest-agent"), Need::Apt("libfaketime")],
         run: cargo_test,
     },
     Step {
@@ -85,6 +84,12 @@ pub const STEPS: &[Step] = &[
             "VM tests: the agent's virtio-serial and vsock transports in real guests (QEMU, TCG)",
         needs: &[],
         run: crate::vm::step,
+    },
+    Step {
+        name: "bench",
+        about: "cargo xtask bench --smoke: every benchmark against qemu-guest-agent runs once, briefly (installs qemu-guest-agent; no timing is checked)",
+        needs: &[],
+        run: crate::bench::step,
     },
     Step {
         name: "debian",

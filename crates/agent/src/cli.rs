@@ -16,6 +16,9 @@ pub struct Args {
     pub check_config: bool,
     /// `--transport SPEC`, repeatable: replaces the configured transports.
     pub transports: Vec<TransportSpec>,
+    /// `--qga-transport SPEC`, repeatable: serve qemu-guest-agent's protocol
+    /// there, replacing `[qga]` from the configuration.
+    pub qga_transports: Vec<TransportSpec>,
     /// `--log-level LEVEL`: replaces the configured level.
     pub log_level: Option<String>,
     /// `--version`.
@@ -68,6 +71,10 @@ OPTIONS:
                               (default name org.kvmmanager.agent.0)
                           vsock[:PORT]     AF_VSOCK listener (default port 7789)
                           unix:PATH        unix-socket listener (mode 0600)
+    --qga-transport SPEC
+                        Also speak qemu-guest-agent's protocol there (same
+                        forms; repeat for several). Replaces [qga] from the
+                        configuration. See docs/qga-compat.md.
     --log-level LEVEL   error, warn, info, debug or trace [default: info]
     --version           Print the version and exit
     --help              Print this help and exit
@@ -113,6 +120,16 @@ impl Args {
                     })?;
                     out.transports.push(spec);
                 }
+                "--qga-transport" => {
+                    let v = value("--qga-transport")?;
+                    let spec = v.parse().map_err(|e: crate::transport::SpecError| {
+                        ArgsError::BadTransport {
+                            value: v.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    out.qga_transports.push(spec);
+                }
                 "--log-level" => out.log_level = Some(value("--log-level")?),
                 "--version" | "-V" => out.version = true,
                 "--help" | "-h" => out.help = true,
@@ -140,8 +157,11 @@ mod tests {
             "unix:/tmp/a",
             "--transport=vsock:5",
             "--check-config",
+            "--qga-transport",
+            "unix:/tmp/q",
         ])
         .unwrap();
+        assert_eq!(a.qga_transports, vec![TransportSpec::Unix("/tmp/q".into())]);
         assert_eq!(a.config, Some(PathBuf::from("/etc/x.toml")));
         assert_eq!(
             a.transports,

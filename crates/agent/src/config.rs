@@ -76,6 +76,34 @@ pub struct Config {
     /// `[info]`: what `get_info` and `get_metrics` report.
     #[serde(default)]
     pub info: InfoSection,
+    /// `[qga]`: the qemu-guest-agent protocol front end.
+    #[serde(default)]
+    pub qga: QgaSection,
+}
+
+/// `[qga]`
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QgaSection {
+    /// Serve qemu-guest-agent's protocol too (docs/qga-compat.md).
+    #[serde(default)]
+    pub enable: bool,
+    /// Where to serve it, in the forms of `agent.transports`.
+    #[serde(default = "default_qga_transports")]
+    pub transports: Vec<String>,
+}
+
+impl Default for QgaSection {
+    fn default() -> Self {
+        Self {
+            enable: false,
+            transports: default_qga_transports(),
+        }
+    }
+}
+
+fn default_qga_transports() -> Vec<String> {
+    vec![format!("virtio-serial:{}", crate::qga::PORT_NAME)]
 }
 
 /// `[agent]`
@@ -204,11 +232,8 @@ impl LimitsSection {
     /// room for the envelope, fits in a frame (1 when the frame limit leaves
     /// no room beyond the envelope, as at its minimum, 4096).
     pub fn max_chunk_bytes(&self) -> u32 {
-        let room = u64::from(self.max_frame_bytes).saturating_sub(4096) * 3 / 4;
-        match room {
-            0 => 1,
-            _ => 1 << (63 - room.leading_zeros()),
-        }
+        let room = (u64::from(self.max_frame_bytes).saturating_sub(4096) * 3 / 4).max(1);
+        1 << (63 - room.leading_zeros())
     }
 
     /// Most output bytes of one stream in one `exec` result or
@@ -567,6 +592,19 @@ impl Config {
             .collect()
     }
 
+    /// The transports of the qemu-guest-agent front end, parsed (none
+    /// unless `qga.enable`).
+    pub fn qga_transports(&self) -> Vec<TransportSpec> {
+        if !self.qga.enable {
+            return Vec::new();
+        }
+        self.qga
+            .transports
+            .iter()
+            .map(|t| t.parse().expect("validated"))
+            .collect()
+    }
+
     /// The disabled methods, parsed.
     pub fn disabled_methods(&self) -> Vec<MethodName> {
         self.security
@@ -591,6 +629,31 @@ impl Config {
         for (i, t) in self.agent.transports.iter().enumerate() {
             t.parse::<TransportSpec>()
                 .map_err(|e| invalid(&format!("agent.transports[{i}]"), e.to_string()))?;
+        }
+        for (i, t) in self.qga.transports.iter().enumerate() {
+            let spec = t
+                .parse::<TransportSpec>()
+                .map_err(|e| invalid(&format!("qga.transports[{i}]"), e.to_string()))?;
+            if self.qga.enable && self.transports().contains(&spec) {
+                return Err(invalid(
+                    &format!("qga.transports[{i}]"),
+                    format!(
+                        "{t} is also in agent.transports: a port or socket serves one protocol"
+                    ),
+                ));
+            }
+        }
+        if self.qga.enable && self.qga.transports.is_empty() {
+            return Err(invalid(
+                "qga.transports",
+                "must name at least one transport when qga.enable is true".into(),
+            ));
+        }
+        if self.qga.enable && self.security.hmac_key_file.is_some() {
+            return Err(invalid(
+                "qga.enable",
+                "qemu-guest-agent's protocol cannot carry authentication: it cannot be enabled while security.hmac_key_file is set".into(),
+            ));
         }
         if crate::logging::parse_level(&self.agent.log_level).is_none() {
             return Err(invalid(
@@ -919,6 +982,10 @@ mod tests {
             ..LimitsSection::default()
         };
         assert_eq!(l.max_chunk_bytes(), 2);
+        // At the smallest frame limit there is no room beyond the envelope:
+        // one byte per chunk, not an overflowed shift.
+        l.max_frame_bytes = MIN_MAX_FRAME_BYTES;
+        assert_eq!(l.max_chunk_bytes(), 1);
         l.max_frame_bytes = 1 << 20;
         assert_eq!(l.max_chunk_bytes(), 512 * 1024);
     }
@@ -1007,6 +1074,29 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.security.hmac_max_skew_seconds, 300);
+    }
+
+    #[test]
+    fn qga_section_is_validated() {
+        let c = parse("").unwrap();
+        assert!(c.qga_transports().is_empty(), "off by default");
+        let c = parse("[qga]\nenable = true\n").unwrap();
+        assert_eq!(
+            c.qga_transports(),
+            [TransportSpec::VirtioSerial("org.qemu.guest_agent.0".into())]
+        );
+        let e = parse("[qga]\nenable = true\ntransports = [\"virtio-serial\"]\n").unwrap_err();
+        assert!(e.to_string().contains("qga.transports[0]"), "{e}");
+        let e = parse("[qga]\ntransports = [\"tcp:1\"]\n").unwrap_err();
+        assert!(e.to_string().contains("qga.transports[0]"), "{e}");
+        let e = parse("[qga]\nenable = true\ntransports = []\n").unwrap_err();
+        assert!(e.to_string().contains("qga.transports"), "{e}");
+        let root = if cfg!(windows) { "C:/" } else { "/" };
+        let e = parse(&format!(
+            "[qga]\nenable = true\n[security]\nhmac_key_file = \"{root}k\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("qga.enable"), "{e}");
     }
 
     #[test]

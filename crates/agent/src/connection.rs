@@ -21,6 +21,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use bytes::BufMut;
+use kvm_agent_protocol::attachment;
 use kvm_agent_protocol::auth::{self, ResponseSigner};
 use kvm_agent_protocol::frame::{self, Decoded, FrameDecoder, HEADER_LEN};
 use kvm_agent_protocol::jsonrpc::{self, Id, Incoming, Rejected, Request};
@@ -32,9 +34,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::audit::Origin;
+use crate::audit::{Decision, Origin};
+use crate::buffers;
 use crate::context::Context;
-use crate::dispatch::{self, Admitted, Refusal, ReplyWritten, Route};
+use crate::dispatch::{self, Admitted, Refusal, Reply, ReplyWritten, Route};
 use crate::platform;
 use crate::shutdown::Phase;
 use crate::transport::{Connection, Peer};
@@ -45,7 +48,14 @@ const READ_BUF: usize = 64 * 1024;
 /// One encoded frame on its way to the writer, holding its share of the
 /// connection's output budget until written, and who to tell once it is
 /// flushed (the calls that act after answering: shutdown, reboot).
-type Outgoing = (Vec<u8>, Option<OwnedSemaphorePermit>, Vec<ReplyWritten>);
+/// A frame's attachment, when it has one, is written after it from its own
+/// buffer (which then returns to the pool).
+type Outgoing = (
+    Vec<u8>,
+    Option<Vec<u8>>,
+    Option<OwnedSemaphorePermit>,
+    Vec<ReplyWritten>,
+);
 
 /// Serve one host until it disconnects or the agent shuts down.
 pub async fn serve(ctx: Arc<Context>, conn: Connection) {
@@ -87,20 +97,29 @@ pub async fn serve(ctx: Arc<Context>, conn: Connection) {
         // Large bodies go straight into the frame buffer.
         let n = if decoder.body_bytes_missing().is_some_and(|m| m >= READ_BUF) {
             let missing = decoder.body_bytes_missing().unwrap_or(0);
-            let body = decoder.body_spare(missing).expect("in a body");
-            let start = body.len();
-            body.resize(start + missing, 0);
+            let body = decoder.body_spare(0).expect("in a body");
+            if body.capacity() - body.len() < missing {
+                // A pooled buffer (a file chunk's frame returns to the pool
+                // once written), so large frames cost no new allocation.
+                let mut pooled = buffers::take();
+                pooled.clear();
+                pooled.reserve(body.len() + missing);
+                pooled.extend_from_slice(body);
+                *body = pooled;
+            }
+            // Straight into the spare capacity, never zeroed first, and never
+            // past this frame's end.
+            let mut spare = (&mut *body).limit(missing);
             let read = tokio::select! {
                 biased;
                 _ = ctx.shutdown.reached(Phase::Draining) => None,
-                r = reader.read(&mut body[start..]) => Some(r),
+                r = reader.read_buf(&mut spare) => Some(r),
             };
             let n = match read {
                 Some(Ok(n)) => n,
                 Some(Err(e)) => break End::Error(e),
                 None => break End::Shutdown,
             };
-            body.truncate(start + n);
             if let Some(Decoded::Frame(f)) = decoder.commit_body() {
                 session.on_frame(f).await;
             }
@@ -180,15 +199,15 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
     let mut w = BufWriter::with_capacity(READ_BUF, writer);
     // Dropped unfired when writing fails: the host is gone.
     let mut written: Vec<ReplyWritten> = Vec::new();
-    while let Some((frame, permit, after)) = rx.recv().await {
-        if w.write_all(&frame).await.is_err() {
+    while let Some((frame, attachment, permit, after)) = rx.recv().await {
+        if write_frame(&mut w, &frame, attachment).await.is_err() {
             return;
         }
         drop(permit);
         written.extend(after);
         // Coalesce whatever else is ready into the same flush.
-        while let Ok((frame, permit, after)) = rx.try_recv() {
-            if w.write_all(&frame).await.is_err() {
+        while let Ok((frame, attachment, permit, after)) = rx.try_recv() {
+            if write_frame(&mut w, &frame, attachment).await.is_err() {
                 return;
             }
             drop(permit);
@@ -200,6 +219,21 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
         written.drain(..).for_each(ReplyWritten::done);
     }
     let _ = w.flush().await;
+}
+
+/// Write one frame and its attachment (a large attachment bypasses the
+/// write buffer: no copy), then give the attachment's buffer back.
+async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    frame: &[u8],
+    attachment: Option<Vec<u8>>,
+) -> std::io::Result<()> {
+    w.write_all(frame).await?;
+    if let Some(bytes) = attachment {
+        w.write_all(&bytes).await?;
+        buffers::recycle(bytes);
+    }
+    Ok(())
 }
 
 /// Bytes of encoded responses a connection may have queued for its writer:
@@ -220,17 +254,24 @@ struct Responder {
 impl Responder {
     /// Queue a frame body (header added here), waiting for budget.
     async fn send_body(&self, framed: Vec<u8>) {
-        self.send_body_then(framed, Vec::new()).await;
+        self.send_body_then(framed, None, Vec::new()).await;
     }
 
-    /// Queue a frame body, and fire `after` once it is flushed.
-    async fn send_body_then(&self, mut framed: Vec<u8>, after: Vec<ReplyWritten>) {
-        let body_len = framed.len() - HEADER_LEN;
+    /// Queue a frame body and its attachment (which `framed` ends with the
+    /// separator for), and fire `after` once it is flushed.
+    async fn send_body_then(
+        &self,
+        mut framed: Vec<u8>,
+        attachment: Option<Vec<u8>>,
+        after: Vec<ReplyWritten>,
+    ) {
+        let attached = attachment.as_ref().map_or(0, Vec::len);
+        let body_len = framed.len() - HEADER_LEN + attached;
         framed[..HEADER_LEN].copy_from_slice(&frame::header(body_len as u32));
-        let cost = framed.len().min(output_budget(self.max_frame)) as u32;
+        let cost = (framed.len() + attached).min(output_budget(self.max_frame)) as u32;
         let permit = self.budget.clone().acquire_many_owned(cost).await.ok();
         // A closed channel means the host is gone; the answer is dropped.
-        let _ = self.tx.send((framed, permit, after));
+        let _ = self.tx.send((framed, attachment, permit, after));
     }
 
     /// Encode and queue one response, signed when `signer` is given.
@@ -243,9 +284,53 @@ impl Responder {
     ) {
         self.send_body_then(
             encode_response(id, outcome, self.max_frame, signer),
+            None,
             after.into_iter().collect(),
         )
         .await;
+    }
+
+    /// Encode and queue a call's answer, with its attachment when it has
+    /// one (replaced by a `payload_too_large` error when the whole would
+    /// exceed the frame limit).
+    async fn answer(
+        &self,
+        id: &Id,
+        outcome: Result<Reply, ErrorObject>,
+        signer: Option<&ResponseSigner>,
+        after: Option<ReplyWritten>,
+    ) {
+        let after = after.into_iter().collect();
+        match outcome {
+            Ok(Reply {
+                result,
+                attachment: Some(bytes),
+            }) => {
+                let mut framed = encode_response(id, Ok(&result), self.max_frame, signer);
+                let len = framed.len() - HEADER_LEN + 1 + bytes.len();
+                if len > self.max_frame as usize {
+                    buffers::recycle(bytes);
+                    let e =
+                        ErrorObject::with_message(ErrorCode::PayloadTooLarge, "Response too large")
+                            .data(
+                                json!({ "max_frame_bytes": self.max_frame, "response_bytes": len }),
+                            );
+                    let framed = encode_response(id, Err(&e), self.max_frame, signer);
+                    self.send_body_then(framed, None, after).await;
+                } else {
+                    framed.push(attachment::SEPARATOR);
+                    self.send_body_then(framed, Some(bytes), after).await;
+                }
+            }
+            Ok(reply) => {
+                let framed = encode_response(id, Ok(&reply.result), self.max_frame, signer);
+                self.send_body_then(framed, None, after).await;
+            }
+            Err(e) => {
+                let framed = encode_response(id, Err(&e), self.max_frame, signer);
+                self.send_body_then(framed, None, after).await;
+            }
+        }
     }
 }
 
@@ -342,8 +427,10 @@ impl Session {
 
     async fn on_frame(&mut self, frame: Vec<u8>) {
         self.reap_finished();
-        let incoming = jsonrpc::parse_frame(&frame, self.ctx.config.limits.max_batch_len as usize);
-        drop(frame);
+        let max_batch = self.ctx.config.limits.max_batch_len as usize;
+        // An attachment stays in the frame's buffer on its way to the
+        // handler, which gives the buffer back to the pool.
+        let incoming = jsonrpc::parse_frame_owned(frame, max_batch);
         match incoming {
             Incoming::Invalid(e) => self.reject(&Id::Null, &e).await,
             Incoming::Single(Err(Rejected { id, error })) => self.reject(&id, &error).await,
@@ -425,9 +512,7 @@ impl Session {
                 let written = admitted.reply_written.take();
                 let (id, result) = run(&self.ctx, admitted).await;
                 if let Some(id) = &id {
-                    self.out
-                        .respond(id, result.as_deref(), signer.as_ref(), written)
-                        .await;
+                    self.out.answer(id, result, signer.as_ref(), written).await;
                 }
             }
             Ok((mut admitted, Some(slot))) => {
@@ -439,8 +524,7 @@ impl Session {
                     let (id, result) = run_task(ctx, admitted).await;
                     drop(slot);
                     if let Some(id) = &id {
-                        out.respond(id, result.as_deref(), signer.as_ref(), written)
-                            .await;
+                        out.answer(id, result, signer.as_ref(), written).await;
                     }
                 });
             }
@@ -462,7 +546,18 @@ impl Session {
                 }
                 Ok(req) => req,
             };
-            let (mut admitted, slot) = match self.admit(req) {
+            let admitted = self.admit(req).and_then(|(admitted, slot)| {
+                if admitted.wants_attachment() {
+                    let e = ErrorObject::with_message(
+                        ErrorCode::InvalidRequest,
+                        "Invalid Request: a batch cannot carry an attachment",
+                    )
+                    .data(json!({ "reason": "attachment in a batch" }));
+                    return Err(admitted.refuse(Decision::Invalid, e));
+                }
+                Ok((admitted, slot))
+            });
+            let (mut admitted, slot) = match admitted {
                 Ok(admitted) => admitted,
                 Err(Refusal { id, error, signer }) => {
                     answers[i] = id
@@ -485,7 +580,10 @@ impl Session {
                 };
                 (
                     i,
-                    id.map(|id| encode_member(&id, result.as_deref(), signer.as_ref())),
+                    id.map(|id| {
+                        let outcome = result.as_ref().map(|r| &*r.result);
+                        encode_member(&id, outcome, signer.as_ref())
+                    }),
                     written,
                 )
             });
@@ -521,7 +619,7 @@ impl Session {
                     .data(json!({ "max_frame_bytes": out.max_frame, "response_bytes": len }));
                 framed = encode_response(&Id::Null, Err(&e), out.max_frame, None);
             }
-            out.send_body_then(framed, after).await;
+            out.send_body_then(framed, None, after).await;
         });
     }
 }
@@ -549,7 +647,7 @@ fn encode_member(
     out
 }
 
-type Answer = (Option<Id>, Result<Box<RawValue>, ErrorObject>);
+type Answer = (Option<Id>, Result<Reply, ErrorObject>);
 
 /// Run an admitted call in line.
 async fn run(ctx: &Context, admitted: Admitted) -> Answer {

@@ -42,6 +42,9 @@ pub struct Context {
     pub exec: ExecTable,
     /// What carries out `shutdown` and `reboot`.
     pub power: PowerControl,
+    /// What the qemu-guest-agent front end handed out (exec pids, file
+    /// handles and positions).
+    pub qga: crate::qga::State,
     /// Open file handles (`file_open`).
     #[cfg(unix)]
     pub files: Arc<crate::files::table::FileTable>,
@@ -101,6 +104,7 @@ impl Context {
             metrics: MetricsState::with_baseline(),
             exec,
             power: PowerControl::from_env(),
+            qga: crate::qga::State::default(),
             #[cfg(unix)]
             files,
         })

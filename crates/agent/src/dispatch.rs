@@ -1,6 +1,7 @@
 //! From a decoded request to its result: method lookup, the policy check
 //! (once, here, for every method), then one `match` that calls the handler.
 
+use kvm_agent_protocol::attachment::Attachment;
 use kvm_agent_protocol::auth::ResponseSigner;
 use kvm_agent_protocol::jsonrpc::{Id, Request};
 use kvm_agent_protocol::methods::files::Access;
@@ -49,6 +50,16 @@ pub enum DispatchError {
     /// Part of the protocol, but this agent has no handler for it yet.
     #[error("{0} is not implemented by this agent yet")]
     NotImplemented(MethodName),
+    /// An attachment where none may be: with a method other than
+    /// `file_write`, or on an authenticated request (a MAC does not cover
+    /// attachments).
+    #[error("{method}: {reason}")]
+    Attachment {
+        /// The method.
+        method: String,
+        /// Why the attachment is refused.
+        reason: &'static str,
+    },
     /// The result could not be encoded (a bug).
     #[error("cannot encode the result of {method}: {detail}")]
     Encode {
@@ -83,6 +94,11 @@ impl From<&DispatchError> for ErrorObject {
             DispatchError::NotImplemented(m) => {
                 ErrorObject::new(ErrorCode::NotImplemented).data(json!({ "method": m.as_str() }))
             }
+            DispatchError::Attachment { method, reason } => ErrorObject::with_message(
+                ErrorCode::InvalidParams,
+                format!("Invalid params: {reason}"),
+            )
+            .data(json!({ "method": method, "reason": reason })),
             DispatchError::Encode { method, .. } => ErrorObject::new(ErrorCode::InternalError)
                 .data(json!({ "method": method.as_str() })),
         }
@@ -103,6 +119,39 @@ pub fn route(call: &Call) -> Route {
     match call {
         Call::Ping(_) | Call::GetCapabilities(_) => Route::Inline,
         _ => Route::Task,
+    }
+}
+
+/// A call's result, and the bytes that follow it in the response frame as
+/// its attachment (`file_read` with `attachment`; see
+/// [`kvm_agent_protocol::attachment`]).
+#[derive(Debug)]
+pub struct Reply {
+    /// The result's JSON.
+    pub result: Box<RawValue>,
+    /// Bytes sent after the result.
+    pub attachment: Option<Vec<u8>>,
+}
+
+impl From<Box<RawValue>> for Reply {
+    fn from(result: Box<RawValue>) -> Self {
+        Self {
+            result,
+            attachment: None,
+        }
+    }
+}
+
+/// Why an attachment cannot go with this request, if it cannot: only
+/// `file_write` takes one, and only unauthenticated (an authentication code
+/// covers the JSON text alone).
+fn attachment_refused(call: &Call, authenticated: bool) -> Option<&'static str> {
+    match call {
+        Call::FileWrite(_) if authenticated => {
+            Some("attachments are not covered by authentication: send data_base64")
+        }
+        Call::FileWrite(_) => None,
+        _ => Some("only file_write takes an attachment"),
     }
 }
 
@@ -191,10 +240,61 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
         }
     };
     let Request {
-        id, method, params, ..
+        id,
+        method,
+        params,
+        attachment,
+        ..
     } = req;
+    let decoded = Call::decode(&method, params.as_deref())
+        .map_err(DispatchError::from)
+        .and_then(|call| attach(call, attachment, signer.is_some()));
+    admit_call(ctx, origin, audit, id, signer, decoded)
+}
+
+/// Give a decoded call its request's attachment, where one may go (see
+/// [`attachment_refused`]); a `file_read` asking for an attachment must not
+/// be authenticated either.
+fn attach(
+    mut call: Call,
+    attachment: Option<Attachment>,
+    authenticated: bool,
+) -> Result<Call, DispatchError> {
+    let refused = |call: &Call, reason| DispatchError::Attachment {
+        method: call.method().as_str().to_owned(),
+        reason,
+    };
+    if let Some(bytes) = attachment {
+        if let Some(reason) = attachment_refused(&call, authenticated) {
+            return Err(refused(&call, reason));
+        }
+        if let Call::FileWrite(p) = &mut call {
+            p.attachment = Some(bytes);
+        }
+    }
+    if matches!(&call, Call::FileRead(p) if p.attachment && authenticated) {
+        let reason = "attachments are not covered by authentication: read without attachment";
+        return Err(refused(&call, reason));
+    }
+    Ok(call)
+}
+
+/// The part of the gate every front end shares (this protocol's
+/// [`admit`], and the qemu-guest-agent front end, [`crate::qga`]): given a
+/// request's open audit record and its call (or why it could not be
+/// decoded), check the policy, refuse privileged calls while the audit
+/// trail is down, and record any refusal. Native requests reach it after
+/// authentication.
+pub fn admit_call(
+    ctx: &Context,
+    origin: &Origin,
+    audit: PendingAudit,
+    id: Option<Id>,
+    signer: Option<ResponseSigner>,
+    decoded: Result<Call, DispatchError>,
+) -> Result<Admitted, Refusal> {
     let refuse = |audit: PendingAudit, decision: Decision, e: &DispatchError| {
-        log::debug!("{origin:?}: {method}: {e}");
+        log::debug!("{origin:?}: {e}");
         let error = ErrorObject::from(e);
         audit.refuse(decision, &error);
         Refusal {
@@ -203,7 +303,11 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
             signer: signer.clone(),
         }
     };
-    let call = match prepare(ctx, &method, params.as_deref()) {
+    let checked = decoded.and_then(|call| match ctx.policy.check(&call) {
+        Ok(()) => Ok(call),
+        Err(e) => Err(DispatchError::Denied(e)),
+    });
+    let call = match checked {
         Ok(call) => call,
         Err(e) => {
             let mut audit = audit;
@@ -247,6 +351,31 @@ pub fn admit(ctx: &Context, origin: &Origin, req: Request) -> Result<Admitted, R
     })
 }
 
+/// For a front end whose requests can be malformed in ways this protocol's
+/// decoder never sees (the qemu-guest-agent front end's arguments): refuse
+/// a request for `method` whose arguments do not decode. A method the
+/// policy disables is refused as denied first (as qemu-ga checks whether a
+/// command is enabled before its arguments); either way the refusal is
+/// recorded once.
+pub fn refuse_undecodable(
+    ctx: &Context,
+    audit: PendingAudit,
+    method: MethodName,
+    error: ErrorObject,
+) -> ErrorObject {
+    match ctx.policy.check_method(method) {
+        Err(p) => {
+            let error = ErrorObject::from(&p);
+            audit.refuse(Decision::Denied, &error);
+            error
+        }
+        Ok(()) => {
+            audit.refuse(Decision::Invalid, &error);
+            error
+        }
+    }
+}
+
 /// Record a request that failed before it could be admitted (a frame that is
 /// not a valid request), with the error it is answered with.
 pub fn reject(ctx: &Context, origin: &Origin, id: Option<&Id>, error: &ErrorObject) {
@@ -280,7 +409,19 @@ impl Admitted {
 
     /// No slot was free: record it and answer with `error`.
     pub fn refuse_busy(self, error: ErrorObject) -> Refusal {
-        self.audit.refuse(Decision::Busy, &error);
+        self.refuse(Decision::Busy, error)
+    }
+
+    /// Whether the response will carry an attachment (which a batch's
+    /// array cannot hold).
+    pub fn wants_attachment(&self) -> bool {
+        matches!(&self.call, Call::FileRead(p) if p.attachment)
+    }
+
+    /// The call will not run after all: record `decision` and answer with
+    /// `error`.
+    pub fn refuse(self, decision: Decision, error: ErrorObject) -> Refusal {
+        self.audit.refuse(decision, &error);
         Refusal {
             id: self.id,
             error,
@@ -288,8 +429,22 @@ impl Admitted {
         }
     }
 
+    /// For another front end's command that needs this call's admission
+    /// but computes its answer itself (the qemu-guest-agent front end's
+    /// `guest-get-vcpus`, say, admitted as `get_metrics`): run `work` in
+    /// place of the handler and record its outcome as [`Admitted::run`]
+    /// would.
+    pub async fn run_instead<T>(
+        self,
+        work: impl std::future::Future<Output = Result<T, ErrorObject>>,
+    ) -> Result<T, ErrorObject> {
+        let result = work.await;
+        self.audit.finish(result.as_ref().map(|_| ()));
+        result
+    }
+
     /// Run the call and record its outcome. Returns the id and the result.
-    pub async fn run(self, ctx: &Context) -> (Option<Id>, Result<Box<RawValue>, ErrorObject>) {
+    pub async fn run(self, ctx: &Context) -> (Option<Id>, Result<Reply, ErrorObject>) {
         let Admitted {
             id,
             call,
@@ -311,7 +466,7 @@ impl Admitted {
         if let (Ok(raw), Some(written)) = (&result, written) {
             // Only shutdown and reboot carry `written`; their result says
             // what was accepted.
-            if let Ok(accepted) = serde_json::from_str::<PowerAccepted>(raw.get()) {
+            if let Ok(accepted) = serde_json::from_str::<PowerAccepted>(raw.result.get()) {
                 handlers::power::schedule(&ctx.power, &accepted, message, written);
             }
         }
@@ -351,7 +506,7 @@ pub async fn execute(
     ctx: &Context,
     call: Call,
     audit: &mut PendingAudit,
-) -> Result<Box<RawValue>, DispatchError> {
+) -> Result<Reply, DispatchError> {
     use handlers::exec;
     use handlers::files;
     match call {
@@ -367,7 +522,7 @@ pub async fn execute(
         Call::CopyToGuest(p) => {
             encode::<methods::CopyToGuestMethod>(files::copy_to_guest(ctx, p, audit).await?)
         }
-        Call::CopyFromGuest(p) => Ok(files::copy_from_guest(ctx, p, audit).await?),
+        Call::CopyFromGuest(p) => Ok(files::copy_from_guest(ctx, p, audit).await?.into()),
         Call::FileOpen(p) => encode::<methods::FileOpenMethod>(files::open(ctx, p, audit).await?),
         Call::FileRead(p) => Ok(files::read(ctx, p, audit).await?),
         Call::FileWrite(p) => {
@@ -395,11 +550,13 @@ pub async fn execute(
     }
 }
 
-fn encode<M: Method>(result: M::Result) -> Result<Box<RawValue>, DispatchError> {
-    serde_json::value::to_raw_value(&result).map_err(|e| DispatchError::Encode {
-        method: M::ID,
-        detail: e.to_string(),
-    })
+fn encode<M: Method>(result: M::Result) -> Result<Reply, DispatchError> {
+    serde_json::value::to_raw_value(&result)
+        .map(Reply::from)
+        .map_err(|e| DispatchError::Encode {
+            method: M::ID,
+            detail: e.to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -637,7 +794,7 @@ mod tests {
         let mut audit = PendingAudit::open(ctx.auditor.clone(), &origin, Some(method), None);
         execute(ctx, call, &mut audit)
             .await
-            .map(|r| r.get().to_owned())
+            .map(|r| r.result.get().to_owned())
             .map_err(|e| ErrorObject::from(&e))
     }
 

@@ -12,6 +12,9 @@
 //! 4. [`handlers`]: one module per method group; OS specifics live behind
 //!    [`platform`].
 //!
+//! [`qga`] is a second front end that speaks qemu-guest-agent's protocol
+//! and reaches the same dispatcher gate and handlers.
+//!
 //! [`files`] holds the path rules, the race-free resolver and the handle
 //! table of file transfer. [`server`] starts the transports and stops
 //! cleanly on SIGTERM;
@@ -19,6 +22,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod buffers;
 pub mod cli;
 pub mod config;
 pub mod connection;
@@ -29,6 +33,7 @@ pub mod handlers;
 pub mod logging;
 pub mod platform;
 pub mod policy;
+pub mod qga;
 pub mod server;
 pub mod shutdown;
 pub mod transport;

@@ -71,7 +71,16 @@ fn main() -> ExitCode {
     } else {
         args.transports
     };
-    match server::run(config, transports) {
+    let qga_transports = if args.qga_transports.is_empty() {
+        config.qga_transports()
+    } else {
+        args.qga_transports
+    };
+    if !qga_transports.is_empty() && config.security.hmac_key_file.is_some() {
+        log::error!("--qga-transport: qemu-guest-agent's protocol cannot carry authentication, and security.hmac_key_file is set");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    match server::run(config, transports, qga_transports) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");

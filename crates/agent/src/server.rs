@@ -46,16 +46,43 @@ pub enum ServerError {
     Signals(io::Error),
 }
 
-/// Run the agent until SIGTERM or SIGINT.
-pub fn run(config: Config, transports: Vec<TransportSpec>) -> Result<(), ServerError> {
+/// Which protocol a transport speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrontEnd {
+    /// This agent's protocol (docs/protocol.md).
+    Native,
+    /// qemu-guest-agent's protocol ([`crate::qga`]).
+    Qga,
+}
+
+impl FrontEnd {
+    async fn serve(self, ctx: Arc<Context>, conn: crate::transport::Connection) {
+        match self {
+            Self::Native => connection::serve(ctx, conn).await,
+            Self::Qga => crate::qga::serve(ctx, conn).await,
+        }
+    }
+}
+
+/// Run the agent until SIGTERM or SIGINT: this protocol on `transports`,
+/// qemu-guest-agent's on `qga_transports`.
+pub fn run(
+    config: Config,
+    transports: Vec<TransportSpec>,
+    qga_transports: Vec<TransportSpec>,
+) -> Result<(), ServerError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(ServerError::Runtime)?;
-    runtime.block_on(serve(config, transports))
+    runtime.block_on(serve(config, transports, qga_transports))
 }
 
-async fn serve(config: Config, transports: Vec<TransportSpec>) -> Result<(), ServerError> {
+async fn serve(
+    config: Config,
+    transports: Vec<TransportSpec>,
+    qga_transports: Vec<TransportSpec>,
+) -> Result<(), ServerError> {
     let (controller, shutdown) = shutdown::channel();
     let auth = crate::auth::Authenticator::from_config(&config.security)?;
     if auth.is_enabled() {
@@ -72,7 +99,11 @@ async fn serve(config: Config, transports: Vec<TransportSpec>) -> Result<(), Ser
     }
     let mut listeners = JoinSet::new();
     for spec in transports {
-        start_transport(&ctx, spec, &mut listeners)?;
+        start_transport(&ctx, spec, FrontEnd::Native, &mut listeners)?;
+    }
+    for spec in qga_transports {
+        log::info!("qemu-guest-agent protocol on {spec}");
+        start_transport(&ctx, spec, FrontEnd::Qga, &mut listeners)?;
     }
     log::info!(
         "kvm-manager-agent {} ready (protocol {})",
@@ -132,6 +163,7 @@ async fn wait_for_signal() -> io::Result<&'static str> {
 fn start_transport(
     ctx: &Arc<Context>,
     spec: TransportSpec,
+    front: FrontEnd,
     tasks: &mut JoinSet<()>,
 ) -> Result<(), ServerError> {
     let shutdown = ctx.shutdown.clone();
@@ -145,7 +177,7 @@ fn start_transport(
                 }
             })?;
             log::info!("listening on {spec}");
-            tasks.spawn(serve_listener(ctx.clone(), shutdown, spec, t));
+            tasks.spawn(serve_listener(ctx.clone(), shutdown, spec, front, t));
             Ok(())
         }
         #[cfg(target_os = "linux")]
@@ -157,7 +189,7 @@ fn start_transport(
                 }
             })?;
             log::info!("listening on {spec}");
-            tasks.spawn(serve_listener(ctx.clone(), shutdown, spec, t));
+            tasks.spawn(serve_listener(ctx.clone(), shutdown, spec, front, t));
             Ok(())
         }
         #[cfg(target_os = "linux")]
@@ -174,7 +206,7 @@ fn start_transport(
                         c = t.accept() => c,
                     };
                     match conn {
-                        Ok(conn) => connection::serve(ctx.clone(), conn).await,
+                        Ok(conn) => front.serve(ctx.clone(), conn).await,
                         Err(e) => {
                             log::error!("{spec}: {e}; retrying");
                             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -197,6 +229,7 @@ async fn serve_listener<L: Listener>(
     ctx: Arc<Context>,
     shutdown: Shutdown,
     spec: TransportSpec,
+    front: FrontEnd,
     listener: L,
 ) {
     let slots = Arc::new(Semaphore::new(ctx.config.limits.max_connections as usize));
@@ -214,7 +247,7 @@ async fn serve_listener<L: Listener>(
                 Ok(slot) => {
                     let ctx = ctx.clone();
                     connections.spawn(async move {
-                        connection::serve(ctx, conn).await;
+                        front.serve(ctx, conn).await;
                         drop(slot);
                     });
                 }
@@ -223,10 +256,12 @@ async fn serve_listener<L: Listener>(
                         "{spec}: refusing {}: limits.max_connections reached",
                         conn.peer
                     );
-                    connections.spawn(connection::refuse_busy(
-                        conn,
-                        ctx.config.limits.max_connections,
-                    ));
+                    if front == FrontEnd::Native {
+                        connections.spawn(connection::refuse_busy(
+                            conn,
+                            ctx.config.limits.max_connections,
+                        ));
+                    }
                 }
             },
             Err(e) => {

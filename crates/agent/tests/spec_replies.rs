@@ -96,8 +96,23 @@ fn send_rest_of_oversized(conn: &mut Conn, sent: &[u8]) {
     }
 }
 
+/// Where the document's file examples write (inside the default allowed
+/// /tmp); removed before and after the replay so no run leaves files behind
+/// or finds the previous run's.
+const EXAMPLE_DIR: &str = "/tmp/kvm-agent-example";
+
+struct RemoveOnDrop(&'static str);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.0);
+    }
+}
+
 #[test]
 fn document_replies_are_the_agents() {
+    let _ = std::fs::remove_dir_all(EXAMPLE_DIR);
+    let _cleanup = RemoveOnDrop(EXAMPLE_DIR);
     let doc = read_doc();
     let blocks = blocks(&doc);
     let agent = Agent::start("");

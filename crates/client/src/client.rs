@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kvm_agent_protocol::attachment::Attachment;
 use kvm_agent_protocol::frame::DEFAULT_MAX_FRAME_BYTES;
 use kvm_agent_protocol::methods::core::{Capabilities, Empty, NoParams};
 use kvm_agent_protocol::methods::exec::{
@@ -26,7 +27,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::auth::AuthKey;
-use crate::connection::{Connection, UnmatchedHandler};
+use crate::connection::{Answer, Connection, UnmatchedHandler};
 use crate::error::ClientError;
 use crate::target::Target;
 use crate::transport;
@@ -286,9 +287,25 @@ impl Client {
         params: Option<&P>,
         timeout: Duration,
     ) -> Result<Box<RawValue>, ClientError> {
+        let (result, attachment) = self.request_attached(method, params, None, timeout).await?;
+        match attachment {
+            None => Ok(result),
+            Some(_) => Err(ClientError::Protocol(format!(
+                "the result of {method} came with an attachment it never asked for"
+            ))),
+        }
+    }
+
+    async fn request_attached<P: Serialize>(
+        &self,
+        method: &str,
+        params: Option<&P>,
+        attachment: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Answer, ClientError> {
         let conn = self.connection().await?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        tokio::time::timeout(timeout, conn.request(id, method, params))
+        tokio::time::timeout(timeout, conn.request(id, method, params, attachment))
             .await
             .unwrap_or_else(|_| {
                 Err(ClientError::Timeout {
@@ -296,6 +313,12 @@ impl Client {
                     after: timeout,
                 })
             })
+    }
+
+    /// Whether requests are signed (a key is configured): the agent then
+    /// takes no attachments.
+    pub fn authenticates(&self) -> bool {
+        self.inner.options.auth.is_some()
     }
 
     fn decode<R: DeserializeOwned>(method: &str, raw: &RawValue) -> Result<R, ClientError> {
@@ -316,6 +339,25 @@ impl Client {
     ) -> Result<Box<RawValue>, ClientError> {
         self.request_raw(method, Some(&params), self.inner.options.call_timeout)
             .await
+    }
+
+    /// [`Client::call_json`] with bytes attached to the request and/or
+    /// accepted with the result (protocol 1.1, `file_write` and `file_read`;
+    /// see `kvm_agent_protocol::attachment`): file chunks then cross the
+    /// wire as they are, without base64.
+    pub async fn call_json_attached(
+        &self,
+        method: &str,
+        params: &RawValue,
+        attachment: Option<Vec<u8>>,
+    ) -> Result<(Box<RawValue>, Option<Attachment>), ClientError> {
+        self.request_attached(
+            method,
+            Some(&params),
+            attachment,
+            self.inner.options.call_timeout,
+        )
+        .await
     }
 
     /// Call a typed method with the default call timeout.

@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use kvm_agent_protocol::attachment::Attachment;
 use kvm_agent_protocol::auth as wire_auth;
 use kvm_agent_protocol::frame::{self, Decoded, FrameDecoder};
 use kvm_agent_protocol::jsonrpc::{self, FromAgent, Id, Response};
@@ -44,7 +45,14 @@ pub enum Unmatched {
 /// Receives every [`Unmatched`] event; see [`crate::ClientOptions::on_unmatched`].
 pub type UnmatchedHandler = Arc<dyn Fn(Unmatched) + Send + Sync>;
 
-type Reply = Result<Box<RawValue>, ClientError>;
+/// A result and, when the agent attached bytes to it, its attachment.
+pub(crate) type Answer = (Box<RawValue>, Option<Attachment>);
+
+type Reply = Result<Answer, ClientError>;
+
+/// A frame for the writer, and the attachment that follows it, written from
+/// its own buffer.
+type Outgoing = (Vec<u8>, Option<Vec<u8>>);
 
 /// Ids whose caller gave up after the request was sent: their answers are
 /// still due. Bounded so a hung agent cannot grow it without end.
@@ -145,8 +153,8 @@ impl Shared {
     }
 
     /// Handle one frame; `Err` means the connection must be closed.
-    fn on_frame(&self, body: &[u8]) -> Result<(), CloseReason> {
-        match jsonrpc::parse_from_agent(body) {
+    fn on_frame(&self, body: Vec<u8>) -> Result<(), CloseReason> {
+        match jsonrpc::parse_from_agent_owned(body) {
             Err(e) => Err(CloseReason::Protocol(e.to_string())),
             Ok(FromAgent::Notification(n)) => {
                 if n.method == AGENT_READY {
@@ -199,7 +207,12 @@ impl Shared {
                         }
                     }
                 }
-                let _ = tx.send(r.outcome.map_err(ClientError::Agent));
+                let attachment = r.attachment;
+                let _ = tx.send(
+                    r.outcome
+                        .map(|result| (result, attachment))
+                        .map_err(ClientError::Agent),
+                );
             }
             Id::Null => match r.outcome {
                 Err(e) => {
@@ -240,7 +253,7 @@ impl Shared {
 /// A live connection to the agent.
 pub(crate) struct Connection {
     shared: Arc<Shared>,
-    frames: mpsc::Sender<Vec<u8>>,
+    frames: mpsc::Sender<Outgoing>,
     max_frame_bytes: u32,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
@@ -322,11 +335,16 @@ impl Connection {
 
     /// Send one request and wait for its answer. Cancel-safe: a dropped
     /// future leaves no half-written frame and no entry in the pending map.
+    ///
+    /// `attachment`: bytes sent after the request's JSON in the same frame
+    /// (protocol 1.1: only `file_write` takes them, and only without
+    /// authentication).
     pub(crate) async fn request<P: Serialize>(
         &self,
         id: u64,
         method: &str,
         params: Option<&P>,
+        attachment: Option<Vec<u8>>,
     ) -> Reply {
         let mut buf = vec![0u8; frame::HEADER_LEN];
         let mut nonce = None;
@@ -351,7 +369,10 @@ impl Connection {
                 nonce = Some(wire_auth::nonce_hex(&fresh));
             }
         }
-        let len = buf.len() - frame::HEADER_LEN;
+        if attachment.is_some() {
+            buf.push(kvm_agent_protocol::attachment::SEPARATOR);
+        }
+        let len = buf.len() - frame::HEADER_LEN + attachment.as_ref().map_or(0, Vec::len);
         if len > self.max_frame_bytes as usize {
             return Err(ClientError::RequestTooLarge {
                 len: len as u64,
@@ -376,7 +397,7 @@ impl Connection {
             id,
             sent: false,
         };
-        if self.frames.send(buf).await.is_err() {
+        if self.frames.send((buf, attachment)).await.is_err() {
             return Err(self.close_error());
         }
         guard.sent = true;
@@ -425,7 +446,7 @@ async fn read_loop(mut rd: ReadHalf<BoxStream>, shared: Arc<Shared>, max_frame_b
                 Err(e) => break CloseReason::Disconnected(format!("read failed: {e}")),
             }
             if let Some(Decoded::Frame(body)) = dec.commit_body() {
-                if let Err(r) = shared.on_frame(&body) {
+                if let Err(r) = shared.on_frame(body) {
                     break r;
                 }
             }
@@ -442,7 +463,7 @@ async fn read_loop(mut rd: ReadHalf<BoxStream>, shared: Arc<Shared>, max_frame_b
             input = &input[used..];
             match event {
                 Some(Decoded::Frame(body)) => {
-                    if let Err(r) = shared.on_frame(&body) {
+                    if let Err(r) = shared.on_frame(body) {
                         break 'outer r;
                     }
                 }
@@ -456,15 +477,19 @@ async fn read_loop(mut rd: ReadHalf<BoxStream>, shared: Arc<Shared>, max_frame_b
 
 async fn write_loop(
     mut wr: WriteHalf<BoxStream>,
-    mut frames: mpsc::Receiver<Vec<u8>>,
+    mut frames: mpsc::Receiver<Outgoing>,
     shared: Arc<Shared>,
 ) {
     let mut status = shared.status.subscribe();
     loop {
         tokio::select! {
             frame = frames.recv() => {
-                let Some(frame) = frame else { break };
-                if let Err(e) = wr.write_all(&frame).await {
+                let Some((frame, attachment)) = frame else { break };
+                let mut written = wr.write_all(&frame).await;
+                if let (Ok(()), Some(bytes)) = (&written, &attachment) {
+                    written = wr.write_all(bytes).await;
+                }
+                if let Err(e) = written {
                     shared.close(CloseReason::Disconnected(format!("write failed: {e}")));
                     break;
                 }

@@ -19,6 +19,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use kvm_agent_protocol::attachment::Attachment;
 use kvm_agent_protocol::codec::{self, Sha256Stream};
 use kvm_agent_protocol::methods::files::{
     Access, FileCloseParams, FileOpenParams, FileReadParams, FileWritten,
@@ -98,11 +99,28 @@ pub enum TransferError {
 /// Progress callback: bytes done, bytes in all.
 pub type Progress<'a> = &'a mut (dyn FnMut(u64, u64) + Send);
 
-async fn chunk_size(client: &Client, opts: &TransferOptions) -> Result<u32, ClientError> {
+/// How chunks cross the wire with this agent.
+#[derive(Clone, Copy, Debug)]
+struct Wire {
+    /// Chunk size: the caller's, within the agent's limit.
+    chunk: u32,
+    /// Chunks travel as attachments (protocol 1.1, no authentication), not
+    /// as base64 inside the JSON.
+    attachments: bool,
+}
+
+async fn wire(client: &Client, opts: &TransferOptions) -> Result<Wire, ClientError> {
     let caps = client.get_capabilities().await?;
-    Ok(opts
-        .chunk_bytes
-        .clamp(1, caps.limits.max_chunk_bytes.max(1)))
+    let version = caps
+        .protocol_version
+        .split_once('.')
+        .and_then(|(major, minor)| Some((major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?)));
+    Ok(Wire {
+        chunk: opts
+            .chunk_bytes
+            .clamp(1, caps.limits.max_chunk_bytes.max(1)),
+        attachments: version.is_some_and(|v| v >= (1, 1)) && !client.authenticates(),
+    })
 }
 
 /// Upload the local file `local` to `guest`.
@@ -119,7 +137,8 @@ pub async fn upload(
     };
     let mut file = File::open(local).map_err(lerr)?;
     let total = file.metadata().map_err(lerr)?.len();
-    let chunk = chunk_size(client, opts).await? as usize;
+    let wire = wire(client, opts).await?;
+    let chunk = wire.chunk as usize;
     let opened = client
         .file_open(&FileOpenParams {
             path: guest.to_owned(),
@@ -155,12 +174,33 @@ pub async fn upload(
     let mut inflight: JoinSet<Result<u64, ClientError>> = JoinSet::new();
     let result: Result<(), TransferError> = async {
         loop {
-            let n = read_full(&mut file, &mut buf).map_err(lerr)?;
+            // With attachments each chunk is read into its own buffer, which
+            // the connection writes as it is.
+            // (read into its spare capacity: never zeroed first).
+            let (n, attached) = if wire.attachments {
+                let mut bytes = Vec::with_capacity(chunk);
+                (&mut file)
+                    .take(chunk as u64)
+                    .read_to_end(&mut bytes)
+                    .map_err(lerr)?;
+                (bytes.len(), Some(bytes))
+            } else {
+                (read_full(&mut file, &mut buf).map_err(lerr)?, None)
+            };
             if n == 0 {
                 break;
             }
-            hasher.update(&buf[..n]);
-            let params = write_params(handle, offset, &buf[..n]);
+            let params = match &attached {
+                Some(bytes) => {
+                    hasher.update(bytes);
+                    RawValue::from_string(format!(r#"{{"handle":{handle},"offset":{offset}}}"#))
+                        .expect("valid JSON")
+                }
+                None => {
+                    hasher.update(&buf[..n]);
+                    write_params(handle, offset, &buf[..n])
+                }
+            };
             offset += n as u64;
             while inflight.len() >= opts.pipeline.max(1) {
                 acked += join(&mut inflight).await?;
@@ -168,7 +208,9 @@ pub async fn upload(
             }
             let c = client.clone();
             inflight.spawn(async move {
-                let raw = c.call_json(FileWriteMethod::NAME, &params).await?;
+                let (raw, _) = c
+                    .call_json_attached(FileWriteMethod::NAME, &params, attached)
+                    .await?;
                 let w: FileWritten = serde_json::from_str(raw.get()).map_err(|e| {
                     ClientError::Protocol(format!("unexpected file_write result: {e}"))
                 })?;
@@ -241,13 +283,13 @@ fn write_params(handle: u64, offset: u64, data: &[u8]) -> Box<RawValue> {
 /// A `file_read` result, borrowing the chunk's text from the reply.
 #[derive(serde::Deserialize)]
 struct ChunkRef<'a> {
-    #[serde(borrow)]
-    data_base64: &'a str,
+    #[serde(borrow, default)]
+    data_base64: Option<&'a str>,
     eof: bool,
 }
 
 /// A chunk read: its offset, its bytes, whether it reached the end.
-type Chunk = (u64, Vec<u8>, bool);
+type Chunk = (u64, Attachment, bool);
 
 /// The partial file a download of `dest` writes to.
 pub fn part_path(dest: &Path) -> PathBuf {
@@ -272,7 +314,8 @@ pub async fn download(
         path: part.clone(),
         source,
     };
-    let chunk = chunk_size(client, opts).await?;
+    let wire = wire(client, opts).await?;
+    let chunk = wire.chunk;
     let opened = client
         .file_open(&FileOpenParams {
             path: guest.to_owned(),
@@ -319,7 +362,7 @@ pub async fn download(
     let mut next = start;
     let mut written = start;
     let mut inflight: JoinSet<Result<Chunk, ClientError>> = JoinSet::new();
-    let mut ready = std::collections::BTreeMap::<u64, Vec<u8>>::new();
+    let mut ready = std::collections::BTreeMap::<u64, Attachment>::new();
     let mut eof_seen = false;
     let result: Result<(), TransferError> = async {
         loop {
@@ -332,17 +375,30 @@ pub async fn download(
                         handle,
                         offset,
                         length: chunk,
+                        attachment: wire.attachments,
                     })
                     .map_err(|e| ClientError::Protocol(e.to_string()))?;
-                    let raw = c.call_json(FileReadMethod::NAME, &params).await?;
+                    let (raw, attached) = c
+                        .call_json_attached(FileReadMethod::NAME, &params, None)
+                        .await?;
                     // Borrowed from the reply: the chunk's text is decoded in
                     // place, never copied into a String first.
                     let r: ChunkRef<'_> = serde_json::from_str(raw.get()).map_err(|e| {
                         ClientError::Protocol(format!("unexpected file_read result: {e}"))
                     })?;
-                    let data = codec::base64_decode(r.data_base64.as_bytes()).map_err(|e| {
-                        ClientError::Protocol(format!("bad base64 from the agent: {e}"))
-                    })?;
+                    let data = match (r.data_base64, attached) {
+                        (None, Some(bytes)) => bytes,
+                        (Some(text), None) => codec::base64_decode(text.as_bytes())
+                            .map(Attachment::from_vec)
+                            .map_err(|e| {
+                                ClientError::Protocol(format!("bad base64 from the agent: {e}"))
+                            })?,
+                        _ => {
+                            return Err(ClientError::Protocol(
+                                "file_read: the chunk must come either as data_base64 or as an attachment".into(),
+                            ))
+                        }
+                    };
                     Ok((offset, data, r.eof))
                 });
             }
@@ -357,8 +413,9 @@ pub async fn download(
             ready.insert(offset, data);
             // Write and hash in order.
             while let Some(data) = ready.remove(&written) {
-                file.write_all_at(&data, written).map_err(perr)?;
-                hasher.update(&data);
+                let data = data.as_bytes();
+                file.write_all_at(data, written).map_err(perr)?;
+                hasher.update(data);
                 written += data.len() as u64;
                 progress(written, total.max(written));
                 if data.len() < chunk as usize {

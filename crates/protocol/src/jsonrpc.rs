@@ -8,6 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use crate::attachment::{self, Attachment};
 use crate::error::{ErrorCode, ErrorObject};
 
 /// The only JSON-RPC version spoken.
@@ -93,6 +94,10 @@ pub struct Request {
     /// The `auth` member exactly as sent, when present (see
     /// [`crate::auth`]); not yet checked.
     pub auth: Option<Box<RawValue>>,
+    /// The bytes after the JSON text, when the frame carries an attachment
+    /// ([`crate::attachment`]); which methods accept one is for the
+    /// receiver to check.
+    pub attachment: Option<Attachment>,
 }
 
 /// A request that cannot be executed, with the error reply it earns.
@@ -139,8 +144,51 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::
 /// Parse one frame body received by the agent.
 ///
 /// `max_batch_len` bounds the number of elements in a batch, so that one
-/// frame can never earn more than that many replies.
+/// frame can never earn more than that many replies. An attachment is
+/// copied into the request; [`parse_frame_owned`] moves it instead.
 pub fn parse_frame(frame: &[u8], max_batch_len: usize) -> Incoming {
+    let (json, attached) = attachment::split(frame);
+    with_attachment(
+        parse_json_frame(json, max_batch_len),
+        attached.is_some(),
+        || Attachment::from_vec(attached.unwrap_or_default().to_vec()),
+    )
+}
+
+/// [`parse_frame`], keeping an attachment in the frame's own buffer.
+pub fn parse_frame_owned(frame: Vec<u8>, max_batch_len: usize) -> Incoming {
+    match attachment::start(&frame) {
+        None => parse_json_frame(&frame, max_batch_len),
+        Some(at) => {
+            let incoming = parse_json_frame(&frame[..at - 1], max_batch_len);
+            with_attachment(incoming, true, || Attachment::from_frame(frame, at))
+        }
+    }
+}
+
+/// Give a single valid request its attachment; an attachment beside a batch
+/// makes the whole frame invalid (which element would it belong to?).
+fn with_attachment(
+    incoming: Incoming,
+    attached: bool,
+    make: impl FnOnce() -> Attachment,
+) -> Incoming {
+    if !attached {
+        return incoming;
+    }
+    match incoming {
+        Incoming::Single(Ok(mut req)) => {
+            req.attachment = Some(make());
+            Incoming::Single(Ok(req))
+        }
+        Incoming::Batch(_) => {
+            Incoming::Invalid(invalid(Id::Null, "an attachment cannot accompany a batch").error)
+        }
+        other => other,
+    }
+}
+
+fn parse_json_frame(frame: &[u8], max_batch_len: usize) -> Incoming {
     let text = match std::str::from_utf8(frame) {
         Ok(t) => t,
         Err(e) => {
@@ -266,6 +314,7 @@ fn parse_object(text: &str) -> Result<Request, Rejected> {
         params: raw.params,
         raw_id: raw.id,
         auth: raw.auth,
+        attachment: None,
     })
 }
 
@@ -334,6 +383,9 @@ pub struct Response {
     pub raw_error: Option<Box<RawValue>>,
     /// The `auth` member exactly as received, when present.
     pub auth: Option<Box<RawValue>>,
+    /// The bytes after the JSON text, when the frame carries an attachment
+    /// (only results may: see [`crate::attachment`]).
+    pub attachment: Option<Attachment>,
 }
 
 /// A notification as the host receives it (agent to host).
@@ -387,8 +439,45 @@ struct RawFromAgent {
     auth: Option<Box<RawValue>>,
 }
 
-/// Parse one frame received by the host.
+/// Parse one frame received by the host. An attachment is copied into the
+/// response; [`parse_from_agent_owned`] moves it instead.
 pub fn parse_from_agent(frame: &[u8]) -> Result<FromAgent, FromAgentError> {
+    let (json, attached) = attachment::split(frame);
+    let parsed = parse_agent_json(json)?;
+    match attached {
+        None => Ok(parsed),
+        Some(bytes) => attach_to_result(parsed, || Attachment::from_vec(bytes.to_vec())),
+    }
+}
+
+/// [`parse_from_agent`], keeping an attachment in the frame's own buffer.
+pub fn parse_from_agent_owned(frame: Vec<u8>) -> Result<FromAgent, FromAgentError> {
+    match attachment::start(&frame) {
+        None => parse_agent_json(&frame),
+        Some(at) => {
+            let parsed = parse_agent_json(&frame[..at - 1])?;
+            attach_to_result(parsed, || Attachment::from_frame(frame, at))
+        }
+    }
+}
+
+/// Only a single successful response may carry an attachment.
+fn attach_to_result(
+    parsed: FromAgent,
+    make: impl FnOnce() -> Attachment,
+) -> Result<FromAgent, FromAgentError> {
+    match parsed {
+        FromAgent::Response(mut r) if r.outcome.is_ok() => {
+            r.attachment = Some(make());
+            Ok(FromAgent::Response(r))
+        }
+        _ => Err(FromAgentError::Malformed(
+            "only a single result may carry an attachment",
+        )),
+    }
+}
+
+fn parse_agent_json(frame: &[u8]) -> Result<FromAgent, FromAgentError> {
     let first = frame.iter().find(|b| !is_json_whitespace(**b));
     if first == Some(&b'[') {
         let items: Vec<Box<RawValue>> = serde_json::from_slice(frame)?;
@@ -449,6 +538,7 @@ fn parse_agent_object(frame: &[u8]) -> Result<FromAgent, FromAgentError> {
         outcome,
         raw_error,
         auth: raw.auth,
+        attachment: None,
     }))
 }
 

@@ -13,6 +13,7 @@
 //! docs/protocol.md is the specification; its examples are checked against
 //! these types by `tests/spec_examples.rs`.
 
+pub mod attachment;
 pub mod auth;
 pub mod codec;
 pub mod error;
@@ -26,4 +27,4 @@ pub use methods::{Method, MethodName};
 
 /// Protocol version, `MAJOR.MINOR`: the minor grows with additive changes,
 /// the major with incompatible ones.
-pub const PROTOCOL_VERSION: &str = "1.0";
+pub const PROTOCOL_VERSION: &str = "1.1";

@@ -94,6 +94,10 @@ pub const VSOCK_PORT: u32 = 7789;
 pub const GUEST_CID: u32 = 4;
 /// The QEMU id of the virtserialport device (named in `VSERPORT_CHANGE`).
 const PORT_ID: &str = "kvaport";
+/// qemu-guest-agent's virtio-serial port name ([`GuestConfig::qemu_ga`]).
+pub const QGA_PORT_NAME: &str = "org.qemu.guest_agent.0";
+/// The QEMU id of qemu-guest-agent's virtserialport device.
+const QGA_PORT_ID: &str = "qgaport";
 
 /// Paths from `cargo xtask vm-test`.
 #[derive(Debug, Clone)]
@@ -169,6 +173,17 @@ pub struct GuestConfig {
     /// A tmpfs of this many MiB on the guest's /tmp (`kva.tmp_mib`); 0: /tmp
     /// stays on the initramfs.
     pub tmp_mib: u32,
+    /// With `virtio_serial`: also qemu-guest-agent's port,
+    /// [`QGA_PORT_NAME`], on its own chardev socket ([`Vm::qga_socket`]),
+    /// for the agent's QGA front end.
+    pub qga_port: bool,
+    /// Also run qemu-guest-agent in the guest, on a second virtio-serial
+    /// port named [`QGA_PORT_NAME`] (host end: [`Vm::qga_socket`]), with
+    /// these RPCs blocked (`-b`, comma-separated; `kva.qga_block`). Needs
+    /// an initramfs with qemu-ga in it (`cargo xtask bench` builds one);
+    /// the guest's /init says `KVA-QGA-PID` once it runs it. None: no
+    /// qemu-ga (the default).
+    pub qemu_ga: Option<&'static str>,
 }
 
 impl Default for GuestConfig {
@@ -186,6 +201,8 @@ impl Default for GuestConfig {
             agent_config: "",
             memory_mib: 256,
             tmp_mib: 0,
+            qga_port: false,
+            qemu_ga: None,
         }
     }
 }
@@ -625,6 +642,9 @@ impl Vm {
         if config.tmp_mib > 0 {
             let _ = write!(append, " kva.tmp_mib={}", config.tmp_mib);
         }
+        if let Some(blocked) = config.qemu_ga {
+            let _ = write!(append, " kva.qga=1 kva.qga_block={blocked}");
+        }
         let memory = format!("{}M", config.memory_mib);
         let mut cmd = Command::new(&images.qemu);
         cmd.args(["-accel", accel(), "-nodefaults", "-no-user-config"])
@@ -656,6 +676,17 @@ impl Vm {
                 .arg("-device")
                 .arg(format!(
                     "virtserialport,bus=vser0.0,chardev=kva,id={PORT_ID},name={PORT_NAME}"
+                ));
+        }
+        if config.virtio_serial && (config.qga_port || config.qemu_ga.is_some()) {
+            cmd.arg("-chardev")
+                .arg(format!(
+                    "socket,id=qga,path={},server=on,wait=off",
+                    sock_dir.join("qga.sock").display()
+                ))
+                .arg("-device")
+                .arg(format!(
+                    "virtserialport,bus=vser0.0,chardev=qga,id={QGA_PORT_ID},name={QGA_PORT_NAME}"
                 ));
         }
         if config.vsock {
@@ -789,25 +820,44 @@ impl Vm {
     /// `VSERPORT_CHANGE` with `open: true` (or `frontend-open` already set
     /// when asked).
     pub fn wait_port_open(&self) {
+        self.wait_chardev_open("kva", PORT_ID);
+        self.log("the guest opened the agent's virtio-serial port (VSERPORT_CHANGE open=true)");
+    }
+
+    /// The host end of qemu-guest-agent's port ([`GuestConfig::qga_port`],
+    /// [`GuestConfig::qemu_ga`]).
+    pub fn qga_socket(&self) -> PathBuf {
+        self.sock_dir.join("qga.sock")
+    }
+
+    /// Wait until the guest has opened qemu-guest-agent's port (our QGA
+    /// front end or qemu-ga itself), as [`Self::wait_port_open`] does for
+    /// the agent's own.
+    pub fn wait_qga_port_open(&self) {
+        self.wait_chardev_open("qga", QGA_PORT_ID);
+        self.log("the guest opened qemu-guest-agent's port (VSERPORT_CHANGE open=true)");
+    }
+
+    fn wait_chardev_open(&self, chardev: &str, port_id: &str) {
         let chardevs = self.qmp.execute("query-chardev", json!({}));
         let open_now = chardevs
             .as_array()
             .into_iter()
             .flatten()
-            .any(|c| c["label"] == "kva" && c["frontend-open"] == true);
+            .any(|c| c["label"] == chardev && c["frontend-open"] == true);
         if !open_now {
-            self.qmp.wait("VSERPORT_CHANGE open=true", |st| {
-                st.events
-                    .iter()
-                    .any(|e| {
-                        e["event"] == "VSERPORT_CHANGE"
-                            && e["data"]["id"] == PORT_ID
-                            && e["data"]["open"] == true
-                    })
-                    .then_some(())
-            });
+            self.qmp
+                .wait(&format!("VSERPORT_CHANGE {port_id} open=true"), |st| {
+                    st.events
+                        .iter()
+                        .any(|e| {
+                            e["event"] == "VSERPORT_CHANGE"
+                                && e["data"]["id"] == port_id
+                                && e["data"]["open"] == true
+                        })
+                        .then_some(())
+                });
         }
-        self.log("the guest opened the agent's virtio-serial port (VSERPORT_CHANGE open=true)");
     }
 
     /// The agent's CPU time inside the guest over `samples` one-second

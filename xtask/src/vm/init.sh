@@ -13,10 +13,15 @@
 #                    xtask/src/vm/configs/); default: none (built-in defaults)
 #   kva.tmp_mib=N    mount a tmpfs of N MiB on /tmp (default: /tmp stays on
 #                    the initramfs)
+#   kva.qga=1        also start qemu-guest-agent (only in the benchmark's
+#                    initramfs, which carries /usr/sbin/qemu-ga and its
+#                    libraries) on the port named org.qemu.guest_agent.0
+#   kva.qga_block=L  qemu-ga's -b list (comma-separated RPCs to block)
 #
 # Console protocol (ttyS0), read by the harness in crates/vmtest:
 #   KVA-INIT <text>          progress of this script
 #   KVA-AGENT-PID <pid>      the agent was started
+#   KVA-QGA-PID <pid>        qemu-guest-agent was started (kva.qga=1)
 #   KVA-LATE-LOADED <mods>   the late modules were loaded
 #   KVA-CPU <ticks> fds=<n> rss_kib=<kib>
 #                            every second: utime+stime of the agent in clock
@@ -50,6 +55,8 @@ late_after=1
 level=info
 config=""
 tmp_mib=""
+qga=""
+qga_block=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kva.agent=*) agent="${arg#kva.agent=}" ;;
@@ -58,6 +65,8 @@ for arg in $(cat /proc/cmdline); do
         kva.log=*) level="${arg#kva.log=}" ;;
         kva.config=*) config="${arg#kva.config=}" ;;
         kva.tmp_mib=*) tmp_mib="${arg#kva.tmp_mib=}" ;;
+        kva.qga=*) qga="${arg#kva.qga=}" ;;
+        kva.qga_block=*) qga_block="${arg#kva.qga_block=}" ;;
     esac
 done
 say "INIT agent=$agent late=$late late_after=$late_after log=$level config=${config:-none}"
@@ -87,6 +96,31 @@ fi
 /sbin/kvm-manager-agent "$@" --log-level "$level" </dev/null &
 pid=$!
 say "AGENT-PID $pid"
+
+# qemu-guest-agent, for the benchmark: its port's node appears before its
+# name, so look for the name for up to 5 s.
+if [ "$qga" = 1 ]; then
+    qga_dev=""
+    tries=0
+    while [ -z "$qga_dev" ] && [ "$tries" -lt 50 ]; do
+        for f in /sys/class/virtio-ports/*/name; do
+            if [ -r "$f" ] && [ "$(cat "$f")" = org.qemu.guest_agent.0 ]; then
+                qga_dev="/dev/${f#/sys/class/virtio-ports/}"
+                qga_dev="${qga_dev%/name}"
+            fi
+        done
+        [ -n "$qga_dev" ] || { sleep 0.1; tries=$((tries + 1)); }
+    done
+    if [ -x /usr/sbin/qemu-ga ] && [ -n "$qga_dev" ]; then
+        mkdir -p /run/qga
+        LD_LIBRARY_PATH=/lib/x86_64-linux-gnu /usr/sbin/qemu-ga -m virtio-serial \
+            -p "$qga_dev" -t /run/qga -f /run/qga/qemu-ga.pid ${qga_block:+-b "$qga_block"} \
+            </dev/null &
+        say "QGA-PID $!"
+    else
+        say "INIT cannot start qemu-ga (binary or port org.qemu.guest_agent.0 missing)"
+    fi
+fi
 
 n=0
 while true; do

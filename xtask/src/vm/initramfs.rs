@@ -14,14 +14,40 @@ const INIT: &str = include_str!("init.sh");
 
 /// Agent configurations the guest's /init selects with `kva.config=NAME`
 /// (installed as `/etc/kva/NAME.toml`).
-pub const CONFIGS: &[(&str, &str)] = &[("e2e", include_str!("configs/e2e.toml"))];
+pub const CONFIGS: &[(&str, &str)] = &[
+    ("e2e", include_str!("configs/e2e.toml")),
+    ("qga", include_str!("configs/qga.toml")),
+];
 
-/// Build (or reuse) the initramfs; returns its path.
-pub fn build(
+/// The folders every image has.
+const DIRS: &[&str] = &[
+    "bin",
+    "dev",
+    "etc",
+    "etc/kva",
+    "lib",
+    "lib/modules",
+    "sbin",
+    "proc",
+    "sys",
+];
+
+/// A file added to an initramfs beyond the usual contents: its path inside
+/// (no leading `/`; missing parent folders are added), permission bits and
+/// bytes.
+pub type Extra = (String, u32, Vec<u8>);
+
+/// Build (or reuse) the initramfs, with `extra` files beyond the usual
+/// contents, cached in the folder `cache/<folder>` (the VM tests' image in
+/// `initramfs`, the benchmark's in its own; each folder keeps only its
+/// newest image); returns its path.
+pub fn build_in(
     cache: &Path,
+    folder: &str,
     agent: &Path,
     busybox: &Path,
     modules: &[(String, PathBuf)],
+    extra: &[Extra],
 ) -> Result<PathBuf> {
     let read = |p: &Path| fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
     let agent = read(agent)?;
@@ -33,17 +59,7 @@ pub fn build(
     let order: String = modules.iter().map(|(n, _)| format!("{n}\n")).collect();
 
     let mut archive = Cpio::default();
-    for dir in [
-        "bin",
-        "dev",
-        "etc",
-        "etc/kva",
-        "lib",
-        "lib/modules",
-        "sbin",
-        "proc",
-        "sys",
-    ] {
+    for dir in DIRS {
         archive.dir(dir);
     }
     archive.char_device("dev/console", 5, 1);
@@ -57,9 +73,31 @@ pub fn build(
     for (name, bytes) in &module_files {
         archive.file(&format!("lib/modules/{name}.ko"), 0o644, bytes);
     }
+    let mut made: Vec<String> = Vec::new();
+    for (path, perm, bytes) in extra {
+        let mut parent = String::new();
+        for part in path
+            .split('/')
+            .rev()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            if !parent.is_empty() {
+                parent.push('/');
+            }
+            parent.push_str(part);
+            if !DIRS.contains(&parent.as_str()) && !made.contains(&parent) {
+                archive.dir(&parent);
+                made.push(parent.clone());
+            }
+        }
+        archive.file(path, *perm, bytes);
+    }
     let bytes = archive.finish();
 
-    let dir = cache.join("initramfs");
+    let dir = cache.join(folder);
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let path = dir.join(format!("initramfs-{:016x}.cpio", fnv1a(&bytes)));
     if !path.exists() {

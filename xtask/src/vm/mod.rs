@@ -103,6 +103,13 @@ fn run_harness(
 }
 
 impl Images {
+    /// Set every `KVA_VM_*` variable on `cmd`.
+    pub fn apply(&self, cmd: &mut std::process::Command) {
+        for (k, v) in &self.vars {
+            cmd.env(k, v);
+        }
+    }
+
     /// The value of one of the `KVA_VM_*` variables.
     pub fn get(&self, key: &str) -> Option<&Path> {
         self.vars
@@ -114,6 +121,12 @@ impl Images {
 
 /// Install, build and cache everything the guests need.
 pub fn prepare() -> Result<Images> {
+    prepare_with("initramfs", &[])
+}
+
+/// [`prepare`], with `extra` files in the initramfs, which is cached in its
+/// own `folder` of the cache.
+pub(crate) fn prepare_with(folder: &str, extra: &[initramfs::Extra]) -> Result<Images> {
     let started = Instant::now();
     let tools = prereqs::ensure_all()?;
     let cache = cache_dir()?;
@@ -126,7 +139,14 @@ pub fn prepare() -> Result<Images> {
         kernel.package,
         module_names.join(" ")
     );
-    let initramfs = initramfs::build(&cache, &agent, &tools.busybox, &kernel.modules)?;
+    let initramfs = initramfs::build_in(
+        &cache,
+        folder,
+        &agent,
+        &tools.busybox,
+        &kernel.modules,
+        extra,
+    )?;
     let accel = accel::choose(&tools.qemu, &kernel.vmlinux, &cache)?;
     println!(
         "xtask: initramfs {} ({} KiB); images ready in {:.1}s",

@@ -50,7 +50,14 @@ pub fn ensure_all() -> Result<Tools> {
 /// `qemu-system-x86` from bookworm-backports: bookworm's own 7.2 conflicts
 /// with the backported qemu-utils these machines ship.
 fn ensure_qemu() -> Result {
-    if ensure::dpkg_installed("qemu-system-x86") {
+    ensure_backports("qemu-system-x86")
+}
+
+/// Install the Debian package `package` from bookworm-backports when it is
+/// missing, adding a backports entry derived from the machine's own apt
+/// sources first when there is none.
+pub(crate) fn ensure_backports(package: &str) -> Result {
+    if ensure::dpkg_installed(package) {
         return Ok(());
     }
     let sources = std::fs::read_dir("/etc/apt/sources.list.d")
@@ -75,15 +82,19 @@ fn ensure_qemu() -> Result {
             .into());
     };
     let mut text = format!(
-        "# Written by `cargo xtask vm-test` (kvm-manager-agent) for qemu-system-x86.\n\
+        "# Written by `cargo xtask` (kvm-manager-agent) for QEMU and qemu-guest-agent.\n\
          Types: deb\nURIs: {uris}\nSuites: bookworm-backports\nComponents: main\n"
     );
     if let Some(key) = signed_by {
         text.push_str(&format!("Signed-By: {key}\n"));
     }
-    println!("xtask: adding {BACKPORTS_SOURCES} (bookworm-backports, mirror {uris})");
-    std::fs::write(BACKPORTS_SOURCES, text)
-        .map_err(|e| format!("cannot write {BACKPORTS_SOURCES} (run as root): {e}"))?;
+    if Path::new(BACKPORTS_SOURCES).exists() {
+        println!("xtask: {BACKPORTS_SOURCES} is there already");
+    } else {
+        println!("xtask: adding {BACKPORTS_SOURCES} (bookworm-backports, mirror {uris})");
+        std::fs::write(BACKPORTS_SOURCES, text)
+            .map_err(|e| format!("cannot write {BACKPORTS_SOURCES} (run as root): {e}"))?;
+    }
     let apt = || {
         let mut c = Command::new("apt-get");
         c.env("DEBIAN_FRONTEND", "noninteractive");
@@ -97,12 +108,14 @@ fn ensure_qemu() -> Result {
         "--no-install-recommends",
         "-t",
         "bookworm-backports",
-        "qemu-system-x86",
+        package,
     ]))?;
-    if ensure::dpkg_installed("qemu-system-x86") {
+    if ensure::dpkg_installed(package) {
         Ok(())
     } else {
-        Err("apt-get finished but qemu-system-x86 is still not installed".into())
+        Err(format!(
+            "apt-get finished but {package} is still not installed"
+        ))
     }
 }
 

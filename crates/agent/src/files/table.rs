@@ -23,7 +23,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use kvm_agent_protocol::codec::Sha256Stream;
@@ -75,6 +75,8 @@ pub struct Handle {
     pub state: RwLock<State>,
     /// The running hash.
     pub progress: Mutex<Progress>,
+    /// Signalled whenever the running hash advances (see [`Handle::record`]).
+    turn: Condvar,
     conn: AtomicU64,
     last_used: Mutex<Instant>,
     busy: AtomicUsize,
@@ -92,7 +94,51 @@ impl Handle {
     pub fn is_write(&self) -> bool {
         self.key.is_some()
     }
+
+    /// Add a chunk read or written at `offset` to the running hash.
+    ///
+    /// Pipelined chunks run on several threads and may get here out of
+    /// order. A chunk just ahead of the hash waits for its turn a little
+    /// while (the chunks before it are normally in flight), so that it is
+    /// hashed from memory now rather than read back from the file later;
+    /// past [`TURN_WAIT`] it is deferred as before (a host may well send
+    /// chunks out of order and wait for each answer).
+    pub fn record(&self, offset: u64, data: &[u8], file: &File, write: bool) -> io::Result<()> {
+        self.record_waiting(offset, data, file, write, TURN_WAIT)
+    }
+
+    /// [`Handle::record`], waiting at most `wait` for the chunk's turn.
+    pub fn record_waiting(
+        &self,
+        offset: u64,
+        data: &[u8],
+        file: &File,
+        write: bool,
+        wait: Duration,
+    ) -> io::Result<()> {
+        let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + wait;
+        while progress.waits_for_turn(offset) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            progress = self
+                .turn
+                .wait_timeout(progress, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let r = progress.record(offset, data, file, write);
+        drop(progress);
+        self.turn.notify_all();
+        r
+    }
 }
+
+/// How long a chunk ahead of the running hash waits for the chunks before
+/// it (see [`Handle::record`]).
+const TURN_WAIT: Duration = Duration::from_millis(20);
 
 /// Keeps a handle from expiring while an operation runs.
 #[derive(Debug)]
@@ -118,6 +164,12 @@ pub struct Progress {
 const READ_BACK: usize = 1 << 20;
 
 impl Progress {
+    /// Whether a chunk at `offset` is ahead of the hash, which could
+    /// still catch up with it.
+    fn waits_for_turn(&self, offset: u64) -> bool {
+        !self.dirty && offset > self.upto
+    }
+
     /// The bytes hashed contiguously from offset 0 (for an upload that
     /// rewrote hashed bytes: 0, nothing is trusted).
     pub fn contiguous(&self) -> u64 {
@@ -274,6 +326,7 @@ impl FileTable {
             key,
             state: RwLock::new(state),
             progress: Mutex::new(Progress::default()),
+            turn: Condvar::new(),
             conn: AtomicU64::new(conn),
             last_used: Mutex::new(Instant::now()),
             busy: AtomicUsize::new(0),

@@ -14,7 +14,7 @@ use kvm_agent_protocol::codec;
 
 use super::path;
 use super::resolve::{ResolveError, Resolver, Strategy};
-use super::table::Progress;
+use super::table::{self, Progress};
 use super::upload::{self, CommitError, Temp};
 use super::Reason;
 
@@ -771,4 +771,53 @@ fn running_hash_survives_any_chunk_order() {
             "round {round}"
         );
     }
+}
+
+/// A chunk that reaches the hash before the chunk in front of it waits for
+/// it and is hashed from memory, not read back from the file: the file here
+/// holds other bytes, so only hashing from memory gives the data's SHA-256.
+#[test]
+fn a_chunk_ahead_waits_for_its_turn_and_is_hashed_from_memory() {
+    let t = Tree::new("turn");
+    let path = t.root.join("zeros");
+    std::fs::write(&path, vec![0u8; 2000]).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _in_runtime = rt.enter();
+    let table = table::FileTable::new(table::TableLimits {
+        per_connection: 4,
+        total: 4,
+        idle: Duration::from_secs(600),
+    });
+    let file = std::fs::File::open(&path).unwrap();
+    let h = table
+        .insert(
+            1,
+            path.display().to_string(),
+            None,
+            table::State::Read { file },
+        )
+        .unwrap();
+    let data: Vec<u8> = (0..2000u32).map(|i| (i % 251) as u8 + 1).collect();
+    let zeros = std::fs::File::open(&path).unwrap();
+    std::thread::scope(|s| {
+        let ahead = s.spawn(|| {
+            // Waits (up to a minute here) until offset 0 is hashed.
+            h.record_waiting(1000, &data[1000..], &zeros, false, Duration::from_secs(60))
+                .unwrap();
+        });
+        // Whether or not the other thread is waiting yet, the order of the
+        // hash is the same; the wait only decides memory or read-back.
+        h.record(0, &data[..1000], &zeros, false).unwrap();
+        ahead.join().unwrap();
+    });
+    let progress = std::mem::take(&mut *h.progress.lock().unwrap());
+    assert_eq!(progress.contiguous(), 2000);
+    assert_eq!(
+        progress.finish(&zeros, 2000).unwrap(),
+        codec::sha256_hex(&data),
+        "the chunk ahead was read back from the file instead of hashed from memory"
+    );
 }

@@ -20,6 +20,7 @@ use serde_json::value::RawValue;
 
 use crate::audit::PendingAudit;
 use crate::context::Context;
+use crate::dispatch::Reply;
 use crate::files::FileError;
 
 /// Default permission bits of a new file.
@@ -44,8 +45,9 @@ mod imp {
     use std::fs::File;
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
+    use kvm_agent_protocol::attachment::Attachment;
     use kvm_agent_protocol::codec;
 
     use super::*;
@@ -54,32 +56,15 @@ mod imp {
     use crate::files::table::{Handle, Progress, State, Upload};
     use crate::files::upload::{CommitError, Temp};
 
-    /// Buffers kept for reuse between chunks (at most this many).
-    const POOL_BUFFERS: usize = 4;
-    /// Largest buffer kept for reuse (a 1 MiB chunk and its base64 text).
-    const POOLED_MAX: usize = 2 << 20;
-    static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-
     fn take_buffer() -> Vec<u8> {
-        POOL.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .unwrap_or_default()
+        crate::buffers::take()
     }
 
-    /// Return a buffer to the pool. Its contents stay initialized, so the
-    /// next reader sizes it without zeroing it again.
+    /// Return a buffer for reuse. Buffers over `max` (the chunk limit) go
+    /// back to the allocator (and, with `files::tune_allocator`, to the
+    /// kernel).
     fn give_buffer(b: Vec<u8>, max: usize) {
-        // Large chunks' buffers go back to the allocator (and, with
-        // `files::tune_allocator`, to the kernel): the pool holds at most
-        // POOL_BUFFERS * POOLED_MAX bytes.
-        if b.capacity() > max.min(POOLED_MAX) {
-            return;
-        }
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.len() < POOL_BUFFERS {
-            pool.push(b);
-        }
+        crate::buffers::give(b, max);
     }
 
     /// Run file-system work on the blocking pool.
@@ -452,12 +437,13 @@ mod imp {
     }
 
     /// `file_read`: the result, serialized here so the chunk is encoded
-    /// once, straight into the reply.
+    /// once, straight into the reply; with `attachment`, the bytes follow
+    /// the result in the frame as they were read.
     pub async fn read(
         ctx: &Context,
         p: FileReadParams,
         audit: &mut PendingAudit,
-    ) -> Result<Box<RawValue>, FileError> {
+    ) -> Result<Reply, FileError> {
         const M: MethodName = MethodName::FileRead;
         audit.detail("handle", p.handle);
         audit.detail("offset", p.offset);
@@ -475,9 +461,9 @@ mod imp {
         }
         .await;
         match r {
-            Ok((raw, n)) => {
+            Ok((reply, n)) => {
                 audit.detail("bytes", n);
-                Ok(raw)
+                Ok(reply)
             }
             Err(e) => {
                 note_error(audit, &e);
@@ -490,7 +476,7 @@ mod imp {
         h: &Arc<Handle>,
         p: FileReadParams,
         max: usize,
-    ) -> Result<(Box<RawValue>, u64), FileError> {
+    ) -> Result<(Reply, u64), FileError> {
         let _in_use = h.use_guard();
         let state = h.state.read().unwrap_or_else(|e| e.into_inner());
         let file = match &*state {
@@ -516,11 +502,21 @@ mod imp {
             .map(|st| st.st_size as u64)
             .map_err(|e| FileError::io(&h.path, &e))?;
         let eof = n < p.length as usize || p.offset + n as u64 >= size;
-        h.progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .record(p.offset, &buf[..n], file, false)
+        h.record(p.offset, &buf[..n], file, false)
             .map_err(|e| FileError::io(&h.path, &e))?;
+        if p.attachment {
+            let result = if eof {
+                r#"{"eof":true}"#
+            } else {
+                r#"{"eof":false}"#
+            };
+            buf.truncate(n);
+            let reply = Reply {
+                result: RawValue::from_string(result.to_owned()).expect("valid JSON"),
+                attachment: Some(buf),
+            };
+            return Ok((reply, n as u64));
+        }
         // Exactly the reply's size: no reallocation when it becomes a RawValue.
         const HEAD: &str = r#"{"data_base64":""#;
         let tail = if eof {
@@ -533,10 +529,12 @@ mod imp {
         codec::base64_encode_into(&buf[..n], &mut s);
         s.push_str(tail);
         give_buffer(buf, max);
-        Ok((RawValue::from_string(s).expect("valid JSON"), n as u64))
+        let result = RawValue::from_string(s).expect("valid JSON");
+        Ok((Reply::from(result), n as u64))
     }
 
-    /// `file_write`.
+    /// `file_write`: the bytes come as `data_base64` or, with protocol 1.1,
+    /// as the request's attachment, written from the frame's own buffer.
     pub async fn write(
         ctx: &Context,
         p: FileWriteParams,
@@ -548,7 +546,27 @@ mod imp {
         let max = ctx.limits().max_chunk_bytes;
         let max_file = ctx.config.limits.max_file_bytes;
         let r = async {
-            check_encoded(&p.data_base64, u64::from(max))?;
+            match (&p.data_base64, &p.attachment) {
+                (Some(text), None) => check_encoded(text, u64::from(max))?,
+                (None, Some(a)) if a.len() as u64 > u64::from(max) => {
+                    return Err(FileError::TooLarge {
+                        max_bytes: u64::from(max),
+                        size: a.len() as u64,
+                    })
+                }
+                (None, Some(_)) => {}
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(FileError::Invalid {
+                        method: M,
+                        kind: "data",
+                        reason: "the bytes come either as data_base64 or as an attachment: \
+                                 exactly one of the two"
+                            .into(),
+                        expected: None,
+                        actual: None,
+                    })
+                }
+            }
             let h = ctx.files.get(p.handle)?;
             audit.detail("path", h.path.as_str());
             blocking(M, move || write_chunk(&h, p, max as usize, max_file)).await
@@ -566,6 +584,30 @@ mod imp {
         }
     }
 
+    /// The bytes of a `file_write`: decoded into a pooled buffer, or the
+    /// attachment as it arrived. Either way the buffer returns to the pool.
+    enum Chunk {
+        Decoded(Vec<u8>),
+        Attached(Attachment),
+    }
+
+    impl Chunk {
+        fn bytes(&self) -> &[u8] {
+            match self {
+                Chunk::Decoded(b) => b,
+                Chunk::Attached(a) => a.as_bytes(),
+            }
+        }
+
+        fn recycle(self, max: usize) {
+            match self {
+                Chunk::Decoded(b) => give_buffer(b, max),
+                // The frame's buffer: the chunk plus a little JSON.
+                Chunk::Attached(a) => give_buffer(a.into_buffer(), max + (64 << 10)),
+            }
+        }
+    }
+
     fn write_chunk(
         h: &Arc<Handle>,
         p: FileWriteParams,
@@ -577,12 +619,20 @@ mod imp {
         let FileWriteParams {
             offset,
             data_base64,
+            attachment,
             ..
         } = p;
-        let mut buf = take_buffer();
-        decode(M, &data_base64, &mut buf)?;
-        drop(data_base64);
-        let end = offset.saturating_add(buf.len() as u64);
+        let chunk = match (data_base64, attachment) {
+            (_, Some(a)) => Chunk::Attached(a),
+            (Some(text), None) => {
+                let mut buf = take_buffer();
+                decode(M, &text, &mut buf)?;
+                Chunk::Decoded(buf)
+            }
+            (None, None) => Chunk::Decoded(Vec::new()),
+        };
+        let data = chunk.bytes();
+        let end = offset.saturating_add(data.len() as u64);
         if end > max_file {
             return Err(FileError::TooLarge {
                 max_bytes: max_file,
@@ -603,15 +653,13 @@ mod imp {
             }
             State::Closed => return Err(FileError::NoHandle { handle: h.id }),
         };
-        file.write_all_at(&buf, offset)
+        file.write_all_at(data, offset)
             .map_err(|e| FileError::io(&h.path, &e))?;
-        h.progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .record(offset, &buf, file, true)
+        h.record(offset, data, file, true)
             .map_err(|e| FileError::io(&h.path, &e))?;
-        let n = buf.len() as u64;
-        give_buffer(buf, max);
+        let n = data.len() as u64;
+        drop(state);
+        chunk.recycle(max);
         Ok(n)
     }
 
@@ -736,7 +784,7 @@ mod imp_unsupported {
         MethodName::CopyFromGuest
     );
     unsupported!(open, FileOpenParams, FileOpened, MethodName::FileOpen);
-    unsupported!(read, FileReadParams, Box<RawValue>, MethodName::FileRead);
+    unsupported!(read, FileReadParams, Reply, MethodName::FileRead);
     unsupported!(write, FileWriteParams, FileWritten, MethodName::FileWrite);
     unsupported!(close, FileCloseParams, FileClosed, MethodName::FileClose);
 }

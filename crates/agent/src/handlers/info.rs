@@ -100,20 +100,25 @@ mod tests {
         assert_eq!(names(filter_interfaces(list, &f, true)).len(), 6);
     }
 
-    /// Until the Windows sources exist, get_info answers -32006 there,
-    /// never a made-up result.
+    /// Under Wine (and on Windows) the Win32 sources answer: the OS is
+    /// Windows, the host has a name and the loopback adapter is listed.
     #[cfg(windows)]
     #[test]
-    fn windows_answers_unsupported() {
-        let e = collect(
+    fn collect_on_windows() {
+        let info = collect(
             &InfoSection::default(),
             GetInfoParams::default(),
             "x".into(),
         )
-        .unwrap_err();
-        let wire = ErrorObject::from(&e);
-        assert_eq!(wire.code, i64::from(ErrorCode::Unsupported.code()));
-        assert_eq!(wire.code, -32006);
+        .unwrap();
+        assert_eq!(
+            info.os.family,
+            kvm_agent_protocol::methods::core::OsFamily::Windows
+        );
+        assert!(!info.hostname.is_empty());
+        assert!(info.uptime_seconds > 0.0);
+        assert!(!info.interfaces.is_empty());
+        assert_eq!(info.protocol_version, PROTOCOL_VERSION);
     }
 
     #[cfg(target_os = "linux")]

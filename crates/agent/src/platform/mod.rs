@@ -8,6 +8,7 @@
 //! |---|---|
 //! | `boot_id()` | this boot's id |
 //! | `os_info()` | distribution, kernel release, architecture |
+//! | `kernel_version()` | the kernel's build string (uname's version) |
 //! | `hostname()`, `fqdn(hostname)` | names, without DNS |
 //! | `interfaces()` | every interface with MAC, MTU, flags, addresses (unfiltered) |
 //! | `uptime_seconds()` | seconds since boot |

@@ -1,10 +1,27 @@
-//! Windows. The guest-information sources come in a later change; until
-//! then each one answers "unsupported", under the same names as on Linux.
+//! Windows: guest information from Win32 and ntdll calls, under the same
+//! names as on Linux. Nothing here runs a program or makes a DNS lookup.
+//!
+//! - `system`: boot id, OS version, names, uptime, time zone;
+//! - `net`: adapters and their counters (GetAdaptersAddresses, GetIfEntry2);
+//! - `perf`: CPU times, memory, processes, disks, volumes;
+//! - `sessions`: logged-in users (WTS).
+//!
+//! Exec and power are not done yet: they answer "unsupported".
+
+mod net;
+mod perf;
+mod sessions;
+mod system;
+mod wide;
 
 use kvm_agent_protocol::methods::core::OsFamily;
-use kvm_agent_protocol::methods::info::{Interface, LoggedInUser, MemoryMetrics, OsInfo, Timezone};
 
-use super::{CpuSample, DiskCounters, FsStats, Mount, NetCounters, PlatformError};
+use super::PlatformError;
+
+pub use net::{interfaces, net_counters};
+pub use perf::{cpu_times, disk_counters, fs_stats, load_average, memory, mounts, process_count};
+pub use sessions::logged_in_users;
+pub use system::{boot_id, fqdn, hostname, os_info, timezone, uptime_seconds};
 
 /// This guest's OS family.
 pub const OS_FAMILY: OsFamily = OsFamily::Windows;
@@ -13,88 +30,27 @@ fn unsupported<T>(what: &'static str) -> Result<T, PlatformError> {
     Err(PlatformError::Unsupported { what })
 }
 
-/// Identifies the current boot. Windows has no boot id; until the Windows
-/// platform code lands this is empty, which hosts treat as unknown.
-pub fn boot_id() -> String {
-    String::new()
+/// The calling thread's last Win32 error, for `call`.
+fn last_error(call: &str) -> PlatformError {
+    PlatformError::io(call, std::io::Error::last_os_error())
 }
 
-/// Product name, version and build.
-pub fn os_info() -> Result<OsInfo, PlatformError> {
-    unsupported("os_info")
+/// A Win32 error code returned by `call`.
+fn win32_error(call: &str, code: u32) -> PlatformError {
+    PlatformError::io(call, std::io::Error::from_raw_os_error(code as i32))
 }
 
-/// The computer name.
-pub fn hostname() -> Result<String, PlatformError> {
-    unsupported("hostname")
-}
-
-/// The fully qualified name.
-pub fn fqdn(_hostname: &str) -> Option<String> {
+/// The kernel's build string (qga's `kernel-version`): none on Windows yet.
+pub fn kernel_version() -> Option<String> {
     None
 }
 
-/// Every network adapter.
-pub fn interfaces() -> Result<Vec<Interface>, PlatformError> {
-    unsupported("interfaces")
-}
-
-/// Seconds since boot.
-pub fn uptime_seconds() -> Result<f64, PlatformError> {
-    unsupported("uptime")
-}
-
-/// The time zone.
-pub fn timezone() -> Timezone {
-    Timezone {
-        name: None,
-        utc_offset_seconds: 0,
-    }
-}
-
-/// Cumulative CPU times.
-pub fn cpu_times() -> Result<CpuSample, PlatformError> {
-    unsupported("cpu_times")
-}
-
-/// Memory figures.
-pub fn memory() -> Result<MemoryMetrics, PlatformError> {
-    unsupported("memory")
-}
-
-/// Windows has no load average.
-pub fn load_average() -> Result<Option<[f64; 3]>, PlatformError> {
-    Ok(None)
-}
-
-/// Number of processes.
-pub fn process_count() -> Result<u64, PlatformError> {
-    unsupported("process_count")
-}
-
-/// Disk counters.
-pub fn disk_counters() -> Result<Vec<DiskCounters>, PlatformError> {
-    unsupported("disk_counters")
-}
-
-/// Network counters.
-pub fn net_counters() -> Result<Vec<NetCounters>, PlatformError> {
-    unsupported("net_counters")
-}
-
-/// Mounted volumes.
-pub fn mounts() -> Result<Vec<Mount>, PlatformError> {
-    unsupported("mounts")
-}
-
-/// Sizes of one volume.
-pub fn fs_stats(_mount_point: &str) -> Result<FsStats, PlatformError> {
-    unsupported("fs_stats")
-}
-
-/// Interactive sessions.
-pub fn logged_in_users() -> Result<Vec<LoggedInUser>, PlatformError> {
-    unsupported("logged_in_users")
+/// A failed NTSTATUS from `call` (not a Win32 error code, so no `os_error`).
+fn nt_error(call: &str, status: i32) -> PlatformError {
+    PlatformError::io(
+        call,
+        std::io::Error::other(format!("NTSTATUS {:#010x}", status as u32)),
+    )
 }
 
 /// A user to run a command as (not supported on Windows yet).

@@ -230,3 +230,139 @@ pub fn error_code(reply: &Value) -> i64 {
         .as_i64()
         .unwrap_or_else(|| panic!("not an error reply: {reply}"))
 }
+
+/// A connection in qemu-guest-agent's protocol, reading newline-ended replies (0xFF bytes kept, at the
+/// start of the reply they precede).
+pub struct QgaConn {
+    pub s: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl QgaConn {
+    pub fn open(path: &Path) -> Self {
+        let s = UnixStream::connect(path).expect("connect");
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        QgaConn { s, buf: Vec::new() }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).unwrap();
+    }
+
+    /// The next reply line, raw (without its newline).
+    pub fn line(&mut self) -> Vec<u8> {
+        loop {
+            if let Some(at) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=at).collect();
+                return line[..line.len() - 1].to_vec();
+            }
+            let mut chunk = [0u8; 65536];
+            let n = self
+                .s
+                .read(&mut chunk)
+                .expect("a reply before the patience ran out");
+            assert!(n > 0, "the agent closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next reply as JSON, with whether 0xFF preceded it.
+    pub fn reply(&mut self) -> (bool, Value) {
+        let line = self.line();
+        let delimited = line.first() == Some(&0xFF);
+        let text: Vec<u8> = line.into_iter().filter(|b| *b != 0xFF).collect();
+        let v = serde_json::from_slice(&text)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&text)));
+        (delimited, v)
+    }
+
+    pub fn call(&mut self, request: &str) -> Value {
+        self.send(request.as_bytes());
+        self.reply().1
+    }
+
+    /// Resynchronise as hosts do: 0xFF, then guest-sync-delimited, and
+    /// skip everything up to its answer.
+    pub fn resync(&mut self, id: i64) {
+        self.send(&[0xFF]);
+        self.send(
+            format!(r#"{{"execute":"guest-sync-delimited","arguments":{{"id":{id}}}}}"#).as_bytes(),
+        );
+        loop {
+            let (delimited, v) = self.reply();
+            if delimited && v["return"] == serde_json::json!(id) {
+                return;
+            }
+        }
+    }
+}
+
+/// The agent serving qemu-guest-agent's protocol on `qga.sock` (and its
+/// own on `agent.sock`) in a scratch directory, killed on drop. Unless the
+/// configuration has an `[audit]` section, the trail goes to `audit.jsonl`.
+pub struct QgaAgent {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub scratch: Scratch,
+}
+
+impl QgaAgent {
+    pub fn start(config: &str) -> Self {
+        let scratch = Scratch::new("qga-agent");
+        let socket = scratch.0.join("qga.sock");
+        let config_path = scratch.0.join("config.toml");
+        let mut config = config.to_owned();
+        if !config.contains("[audit]") {
+            config.push_str(&format!(
+                "\n[audit]\ndestination = \"none\"\njsonl_path = \"{}\"\n",
+                scratch.0.join("audit.jsonl").display()
+            ));
+        }
+        std::fs::write(&config_path, config).unwrap();
+        let child = Command::new(agent_binary())
+            .env("KVA_POWER_DRY_RUN", power_log(&config_path))
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--transport")
+            .arg(format!("unix:{}", scratch.0.join("agent.sock").display()))
+            .arg("--qga-transport")
+            .arg(format!("unix:{}", socket.display()))
+            .args(["--log-level", "warn"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the agent");
+        let deadline = Instant::now() + PATIENCE;
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the agent never created its socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        QgaAgent {
+            child,
+            socket,
+            scratch,
+        }
+    }
+
+    pub fn connect(&self) -> QgaConn {
+        QgaConn::open(&self.socket)
+    }
+
+    /// The audit records written so far.
+    pub fn audit(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.scratch.0.join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for QgaAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

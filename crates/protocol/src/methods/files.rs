@@ -123,13 +123,19 @@ pub struct FileReadParams {
     pub offset: u64,
     /// Bytes to read, at most `max_chunk_bytes`.
     pub length: u32,
+    /// Return the bytes as an attachment of the response instead of
+    /// `data_base64` (protocol 1.1; see [`crate::attachment`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attachment: bool,
 }
 
 /// Result of `file_read`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileChunk {
-    /// The bytes read, standard base64 (fewer than asked only at end of file).
-    pub data_base64: String,
+    /// The bytes read, standard base64 (fewer than asked only at end of
+    /// file); absent when they come as the response's attachment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
     /// The read reached the end of the file.
     pub eof: bool,
 }
@@ -143,7 +149,14 @@ pub struct FileWriteParams {
     /// Byte offset to write at.
     pub offset: u64,
     /// The bytes, standard base64, at most `max_chunk_bytes` decoded.
-    pub data_base64: String,
+    /// Absent when the bytes come as the request's attachment instead
+    /// (exactly one of the two).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
+    /// The request's attachment, when it has one (not a JSON member: the
+    /// receiver puts it here after decoding the params).
+    #[serde(skip)]
+    pub attachment: Option<crate::attachment::Attachment>,
 }
 
 /// Result of `file_write`.

@@ -74,6 +74,11 @@ pub fn os_info() -> Result<OsInfo, PlatformError> {
 }
 
 /// The host name (the kernel's node name).
+/// The kernel's build string (uname's `version`: `#1 SMP PREEMPT_DYNAMIC ...`).
+pub fn kernel_version() -> Option<String> {
+    names::uname().ok().map(|u| u.version)
+}
+
 pub fn hostname() -> Result<String, PlatformError> {
     Ok(names::uname()?.nodename)
 }

@@ -8,6 +8,7 @@ use crate::platform::PlatformError;
 pub struct Uname {
     pub nodename: String,
     pub release: String,
+    pub version: String,
     pub machine: String,
 }
 
@@ -29,6 +30,7 @@ pub fn uname() -> Result<Uname, PlatformError> {
     Ok(Uname {
         nodename: field(&uts.nodename),
         release: field(&uts.release),
+        version: field(&uts.version),
         machine: field(&uts.machine),
     })
 }
