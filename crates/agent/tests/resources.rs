@@ -167,7 +167,7 @@ fn finished_request_tasks_are_released_while_the_connection_stays_open() {
     let mut framed = (body.len() as u32).to_be_bytes().to_vec();
     framed.extend_from_slice(body);
     let batch: Vec<u8> = framed.repeat(32);
-    let mut run = |rounds: usize, c: &mut Conn| {
+    let run = |rounds: usize, c: &mut Conn| {
         for _ in 0..rounds {
             c.send_raw(&batch);
             for _ in 0..32 {
