@@ -9,6 +9,7 @@ mod cmd;
 mod demo;
 mod dist;
 mod ensure;
+mod fuzz;
 mod test;
 mod vm;
 mod windows;
@@ -49,6 +50,9 @@ Commands:
                        Run cargo for the Windows target (Debian's toolchain,
                        mingw-w64, tests under Wine; see README \"Building for
                        Windows\"), e.g. `windows-cargo build -p kvm-manager-agent`
+  fuzz [--seconds N] [TARGET]...
+                       Run the cargo-fuzz targets of fuzz/ (nightly toolchain),
+                       each for N seconds (default 600), one after the other
   help                 Show this help
 ";
 
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(&args[1..]),
         Some("dist") => dist::run(&args[1..]),
         Some("vm-test") => vm::run(&args[1..]),
+        Some("fuzz") => fuzz::run(&args[1..]),
         Some("windows-cargo") => windows::run(&args[1..]),
         Some(other) => Err(format!(
             "unknown command `{other}` (run `cargo xtask help`)"

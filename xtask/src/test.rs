@@ -50,9 +50,21 @@ pub const STEPS: &[Step] = &[
     },
     Step {
         name: "cargo-test",
-        about: "cargo test: unit, integration and doc tests of every crate (the qemu-ga conformance suite runs Debian's qemu-ga)",
-        needs: &[Need::Apt("qemu-guest-agent")],
+        about: "cargo test: unit, integration and doc tests of every crate (the qemu-ga conformance suite runs Debian's qemu-ga; the agent's fault tests jump its clock with libfaketime)",
+        needs: &[Need::Apt("qemu-guest-agent"), Need::Apt("libfaketime")],
         run: cargo_test,
+    },
+    Step {
+        name: "soak",
+        about: "release build: a million mixed requests (RSS and descriptors flat), a gibibyte of garbage (RSS bounded)",
+        needs: &[],
+        run: soak,
+    },
+    Step {
+        name: "fuzz",
+        about: "every cargo-fuzz target of fuzz/ for 45 s (nightly toolchain, cargo-fuzz installed when missing)",
+        needs: crate::fuzz::NEEDS,
+        run: crate::fuzz::step,
     },
     Step {
         name: "windows",
@@ -111,6 +123,23 @@ fn cargo_test(report: &mut Report) -> Result {
         "--exclude",
         crate::vm::HARNESS,
         "--no-fail-fast",
+    ]);
+    run_cargo_test(&mut test, report)
+}
+
+fn soak(report: &mut Report) -> Result {
+    let mut test = cmd::cargo();
+    test.args([
+        "test",
+        "--release",
+        "-p",
+        "kvm-manager-agent",
+        "--test",
+        "soak",
+        "--",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
     ]);
     run_cargo_test(&mut test, report)
 }

@@ -229,7 +229,8 @@ fn default_file_handle_idle_seconds() -> u64 {
 
 impl LimitsSection {
     /// Largest file chunk: the largest power of two whose base64 form, with
-    /// room for the envelope, fits in a frame.
+    /// room for the envelope, fits in a frame (1 when the frame limit leaves
+    /// no room beyond the envelope, as at its minimum, 4096).
     pub fn max_chunk_bytes(&self) -> u32 {
         let room = (u64::from(self.max_frame_bytes).saturating_sub(4096) * 3 / 4).max(1);
         1 << (63 - room.leading_zeros())
@@ -987,6 +988,21 @@ mod tests {
         assert_eq!(l.max_chunk_bytes(), 1);
         l.max_frame_bytes = 1 << 20;
         assert_eq!(l.max_chunk_bytes(), 512 * 1024);
+    }
+
+    /// Found by the config_parser fuzz target (fuzz/): at the smallest
+    /// frame limits allowed (4096, 4097) there is no room for a chunk, and
+    /// the computation underflowed: a panic in debug builds, 2 GiB
+    /// advertised as `max_chunk_bytes` in release builds.
+    #[test]
+    fn chunk_size_at_the_smallest_frame_limits() {
+        for (frame, chunk) in [(4096, 1), (4097, 1), (4098, 1), (4100, 2)] {
+            let l = parse(&format!("[limits]\nmax_frame_bytes = {frame}\n"))
+                .unwrap()
+                .limits;
+            assert_eq!(l.max_chunk_bytes(), chunk, "max_frame_bytes {frame}");
+            assert!(l.max_exec_output_bytes() >= 1);
+        }
     }
 
     #[test]

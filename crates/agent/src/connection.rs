@@ -426,6 +426,7 @@ impl Session {
     }
 
     async fn on_frame(&mut self, frame: Vec<u8>) {
+        self.reap_finished();
         let max_batch = self.ctx.config.limits.max_batch_len as usize;
         // An attachment stays in the frame's buffer on its way to the
         // handler, which gives the buffer back to the pool.
@@ -436,6 +437,16 @@ impl Session {
             Incoming::Single(Ok(req)) => self.start(req).await,
             Incoming::Batch(items) => self.start_batch(items),
         }
+    }
+
+    /// Release the tasks that have finished. A `JoinSet` keeps each finished
+    /// task (its allocation and output) until it is joined: without this,
+    /// every request run as a task stayed in memory for as long as its
+    /// connection (about 2 KiB per `get_info`, `get_metrics` or batch; one
+    /// virtio-serial connection lasts as long as the agent). Their answers
+    /// are already sent; a panic became an internal error in `run_task`.
+    fn reap_finished(&mut self) {
+        while self.tasks.try_join_next().is_some() {}
     }
 
     /// Take a task slot from this connection and from the agent, or say

@@ -51,6 +51,12 @@ impl Agent {
     /// reads). Unless it has an `[audit]` section, the audit trail goes to
     /// `audit.jsonl` in the scratch directory.
     pub fn start(config: &str) -> Self {
+        Self::start_with(config, |_| {})
+    }
+
+    /// Like [`Agent::start`], with `setup` applied to the agent's command
+    /// before it is spawned (extra environment, resource limits).
+    pub fn start_with(config: &str, setup: impl FnOnce(&mut Command)) -> Self {
         let scratch = Scratch::new("agent");
         let socket = scratch.0.join("agent.sock");
         let config_path = scratch.0.join("config.toml");
@@ -63,7 +69,9 @@ impl Agent {
             ));
         }
         std::fs::write(&config_path, config).unwrap();
-        let child = spawn(&config_path, &socket);
+        let mut cmd = command(&config_path, &socket);
+        setup(&mut cmd);
+        let child = cmd.spawn().expect("start the agent");
         let agent = Agent {
             child,
             socket,
@@ -134,8 +142,12 @@ pub fn power_log(config: &Path) -> PathBuf {
 }
 
 fn spawn(config: &Path, socket: &Path) -> Child {
-    Command::new(agent_binary())
-        .env("KVA_POWER_DRY_RUN", power_log(config))
+    command(config, socket).spawn().expect("start the agent")
+}
+
+fn command(config: &Path, socket: &Path) -> Command {
+    let mut cmd = Command::new(agent_binary());
+    cmd.env("KVA_POWER_DRY_RUN", power_log(config))
         .arg("--config")
         .arg(config)
         .arg("--transport")
@@ -143,9 +155,8 @@ fn spawn(config: &Path, socket: &Path) -> Child {
         .arg("--log-level")
         .arg("warn")
         .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the agent")
+        .stderr(Stdio::inherit());
+    cmd
 }
 
 /// A raw connection speaking frames.
