@@ -79,9 +79,20 @@ struct Pair {
     _procs: [Proc; 2],
 }
 
-fn wait_for(path: &Path) {
+/// Wait for `path` to appear; fail at once, with its exit status and log,
+/// when the process that should create it has exited.
+fn wait_for(path: &Path, server: &mut Proc, log: Option<&Path>) {
     let deadline = Instant::now() + PATIENCE;
     while !path.exists() {
+        if let Ok(Some(status)) = server.0.try_wait() {
+            let said = log
+                .and_then(|l| std::fs::read_to_string(l).ok())
+                .unwrap_or_default();
+            panic!(
+                "{} never appeared: its server exited ({status}): {said}",
+                path.display()
+            );
+        }
         assert!(
             Instant::now() < deadline,
             "{} never appeared",
@@ -99,6 +110,10 @@ fn start() -> Pair {
     let ours = dir.join("ours.sock");
     // An empty configuration file: nothing from the machine's /etc/qemu.
     std::fs::write(dir.join("qemu-ga.conf"), "").unwrap();
+    // The state folder exists before qemu-ga starts: it may look at it at
+    // once, and exits when it is not there.
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    let qga_log = std::fs::File::create(dir.join("qemu-ga.log")).unwrap();
     let qga = Command::new(qemu_ga_binary())
         .env("QGA_CONF", dir.join("qemu-ga.conf"))
         .args(["-m", "unix-listen", "-p"])
@@ -110,11 +125,10 @@ fn start() -> Pair {
         .arg("-b")
         .arg(BLOCKED.join(","))
         .stdin(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(qga_log)
         .spawn()
         .expect("start qemu-ga");
-    std::fs::create_dir_all(dir.join("state")).unwrap();
-    let qga = Proc(qga);
+    let mut qga = Proc(qga);
     // Ours mirrors the blocklist where it is a policy (power off) and
     // otherwise runs with its defaults: exec is off, file reads are
     // confined to /tmp and /var/tmp.
@@ -139,9 +153,9 @@ fn start() -> Pair {
         .stdin(Stdio::null())
         .spawn()
         .expect("start the agent");
-    let agent = Proc(agent);
-    wait_for(&theirs);
-    wait_for(&ours);
+    let mut agent = Proc(agent);
+    wait_for(&theirs, &mut qga, Some(&dir.join("qemu-ga.log")));
+    wait_for(&ours, &mut agent, None);
     Pair {
         theirs,
         ours,
