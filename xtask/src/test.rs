@@ -134,10 +134,11 @@ fn soak(report: &mut Report) -> Result {
         "--release",
         "-p",
         "kvm-manager-agent",
+        "--features",
+        "soak",
         "--test",
         "soak",
         "--",
-        "--ignored",
         "--nocapture",
         "--test-threads=1",
     ]);

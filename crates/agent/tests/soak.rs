@@ -7,10 +7,10 @@
 //!   bytes): at most one reply per frame, RSS bounded by the frame limit,
 //!   and the agent still serving.
 //!
-//! Both are `#[ignore]`d in the debug run of `cargo test` and run in release
-//! mode by `cargo xtask test soak` (`cargo test --release -p
-//! kvm-manager-agent --test soak -- --ignored --nocapture`), which prints
-//! the figures docs/reliability.md reports.
+//! Both need the `soak` feature (so the debug run of `cargo test` does not
+//! build them) and run in release mode by `cargo xtask test soak` (`cargo
+//! test --release -p kvm-manager-agent --features soak --test soak --
+//! --nocapture`), which prints the figures docs/reliability.md reports.
 
 #![cfg(target_os = "linux")]
 
@@ -115,7 +115,6 @@ struct Sample {
 }
 
 #[test]
-#[ignore = "a million requests: run in release by `cargo xtask test soak`"]
 fn a_million_mixed_requests_leave_rss_and_descriptors_flat() {
     let agent = Agent::start("");
     let pid = agent.child.id();
@@ -279,7 +278,6 @@ fn drain(mut stream: std::os::unix::net::UnixStream) -> (u64, u64) {
 }
 
 #[test]
-#[ignore = "a gibibyte of garbage: run in release by `cargo xtask test soak`"]
 fn a_gibibyte_of_garbage_keeps_rss_bounded_and_the_agent_serving() {
     const MAX: u32 = 16 << 20; // the default max_frame_bytes
     let agent = Agent::start("");

@@ -7,7 +7,7 @@
 //! Needs `cargo xtask test debian` (images and packages; see
 //! kvm_agent_vmtest::debian).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_agent_client::Client;
 use kvm_agent_vmtest::debian::{DebianImages, DebianVm};
@@ -45,9 +45,19 @@ fn killed_agent_is_restarted_and_a_console_login_is_listed() {
     assert_ne!(pid, 0);
     vm.ok(&format!("kill -KILL {pid}"));
     let killed = Instant::now();
-    // The client stays connected to QEMU's chardev; the ping waits in the
-    // port until the restarted agent opens it, greets with agent_ready and
-    // answers. Nothing in the test reconnects.
+    // Wait for systemd's restart (RestartSec=2s) before sending: a request
+    // written while the guest still has the dead agent's port open is
+    // discarded by the guest kernel when the port closes. The client stays
+    // connected to QEMU's chardev; the ping waits in the port until the
+    // restarted agent opens it, greets with agent_ready and answers.
+    // Nothing in the test reconnects.
+    while main_pid(&vm) == pid || main_pid(&vm) == 0 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(120),
+            "systemd did not restart the agent"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     rt.block_on(async {
         client
             .ping()
