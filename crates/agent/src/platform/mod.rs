@@ -22,6 +22,9 @@
 
 use std::fmt;
 
+mod time;
+pub use time::rfc3339_utc;
+
 #[cfg(target_os = "linux")]
 mod linux;
 #[cfg(target_os = "linux")]

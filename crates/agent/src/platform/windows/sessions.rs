@@ -10,8 +10,9 @@ use windows_sys::Win32::System::RemoteDesktop::{
     WTS_SESSION_INFOW,
 };
 
-use super::wide::{filetime_to_unix_seconds, from_wide, rfc3339_utc};
+use super::wide::{filetime_to_unix_seconds, from_wide};
 use super::{last_error, PlatformError};
+use crate::platform::rfc3339_utc;
 
 /// Memory that WTS allocated, freed with WTSFreeMemory when dropped.
 struct WtsMemory<T> {
