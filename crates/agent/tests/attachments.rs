@@ -8,32 +8,13 @@
 
 mod common;
 
-use std::path::PathBuf;
-
-use common::{error_code, Agent, Conn, Scratch};
+use common::{error_code, Conn, FileFixture, Scratch};
 use kvm_agent_protocol::attachment;
 use kvm_agent_protocol::codec;
 use serde_json::{json, Value};
 
-struct Fixture {
-    agent: Agent,
-    root: PathBuf,
-    _scratch: Scratch,
-}
-
-fn fixture(extra: &str) -> Fixture {
-    let scratch = Scratch::new("attach");
-    let root = scratch.0.join("root");
-    std::fs::create_dir(&root).unwrap();
-    let agent = Agent::start(&format!(
-        "[security]\nallowed_file_paths = [\"{}\"]\n{extra}",
-        root.display()
-    ));
-    Fixture {
-        agent,
-        root,
-        _scratch: scratch,
-    }
+fn fixture(extra: &str) -> FileFixture {
+    common::file_fixture("attach", extra)
 }
 
 /// A frame body: the request's JSON, NUL, the bytes.

@@ -17,32 +17,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{error_code, Agent, Conn, Scratch, PATIENCE};
+use common::{error_code, Agent, Conn, FileFixture, Scratch, PATIENCE};
 use kvm_agent_client::files::{self, TransferOptions};
 use kvm_agent_client::{Client, ClientOptions};
 use kvm_agent_protocol::codec;
 use serde_json::{json, Value};
 
-/// An agent allowed to transfer files in `root` only.
-struct Fixture {
-    agent: Agent,
-    root: PathBuf,
-    _scratch: Scratch,
-}
-
-fn fixture(extra: &str) -> Fixture {
-    let scratch = Scratch::new("files");
-    let root = scratch.0.join("root");
-    std::fs::create_dir(&root).unwrap();
-    let agent = Agent::start(&format!(
-        "[security]\nallowed_file_paths = [\"{}\"]\n{extra}",
-        root.display()
-    ));
-    Fixture {
-        agent,
-        root,
-        _scratch: scratch,
-    }
+fn fixture(extra: &str) -> FileFixture {
+    common::file_fixture("files", extra)
 }
 
 fn call(conn: &mut Conn, method: &str, params: Value) -> Value {

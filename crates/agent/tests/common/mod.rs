@@ -366,3 +366,27 @@ impl Drop for QgaAgent {
         let _ = self.child.wait();
     }
 }
+
+/// An agent allowed to transfer files in `root` only (its own scratch
+/// directory, never the shared /tmp), with `extra` configuration after the
+/// `[security]` line.
+pub struct FileFixture {
+    pub agent: Agent,
+    pub root: PathBuf,
+    _scratch: Scratch,
+}
+
+pub fn file_fixture(tag: &str, extra: &str) -> FileFixture {
+    let scratch = Scratch::new(tag);
+    let root = scratch.0.join("root");
+    std::fs::create_dir(&root).unwrap();
+    let agent = Agent::start(&format!(
+        "[security]\nallowed_file_paths = [\"{}\"]\n{extra}",
+        root.display()
+    ));
+    FileFixture {
+        agent,
+        root,
+        _scratch: scratch,
+    }
+}
