@@ -110,7 +110,8 @@ fn default_qga_transports() -> Vec<String> {
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSection {
-    /// Where to listen: `virtio-serial[:NAME_OR_PATH]`, `vsock[:PORT]`, `unix:PATH`.
+    /// Where to listen: `virtio-serial[:NAME_OR_PATH]`, `vsock[:PORT]`,
+    /// `unix:PATH`; on Windows also `pipe:NAME` and `com:COMn`.
     #[serde(default = "default_transports")]
     pub transports: Vec<String>,
     /// `error`, `warn`, `info`, `debug` or `trace`.
