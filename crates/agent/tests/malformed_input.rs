@@ -2,11 +2,6 @@
 //! documented reply (docs/protocol.md), at most one per bad frame, and the
 //! agent keeps answering `ping` afterwards.
 
-// These tests talk to the agent (or the CLI) over unix sockets: on Windows
-// this file compiles to nothing (no Windows transport exists yet) rather
-// than having its tests skipped or failing. On Linux they all run.
-#![cfg(unix)]
-
 mod common;
 
 use common::{error_code, Agent, Conn};

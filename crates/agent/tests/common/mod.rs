@@ -1,12 +1,15 @@
-//! Runs the real agent binary on a unix socket in a scratch directory and
-//! talks raw frames to it.
+//! Runs the real agent binary on a unix socket in a scratch directory (on
+//! Windows: on a named pipe of a unique name) and talks raw frames to it.
 
 #![allow(dead_code)] // each test file uses a different part
 
 use std::io::{Read, Write};
+#[cfg(unix)]
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+#[cfg(unix)]
+use std::process::ExitStatus;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -14,6 +17,102 @@ use serde_json::Value;
 /// Upper bound for anything to happen; tests never assert on durations, this
 /// only turns a hang into a failure.
 pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The byte stream to the agent: a unix socket, or on Windows a named pipe
+/// opened as a file.
+#[cfg(unix)]
+pub type Stream = UnixStream;
+/// The byte stream to the agent: a unix socket, or on Windows a named pipe
+/// opened as a file.
+#[cfg(windows)]
+pub type Stream = std::fs::File;
+
+/// Where an agent of this scratch directory listens: `NAME.sock` in it, or
+/// on Windows a named pipe whose name is unique to the directory.
+pub fn endpoint(scratch: &Scratch, name: &str) -> PathBuf {
+    if cfg!(windows) {
+        let dir = scratch.0.file_name().unwrap_or_default().to_string_lossy();
+        PathBuf::from(format!(r"\\.\pipe\{dir}-{name}"))
+    } else {
+        scratch.0.join(format!("{name}.sock"))
+    }
+}
+
+/// The `--transport` value for an [`endpoint`].
+pub fn transport(endpoint: &Path) -> String {
+    if cfg!(windows) {
+        format!("pipe:{}", endpoint.display())
+    } else {
+        format!("unix:{}", endpoint.display())
+    }
+}
+
+/// A path as a TOML literal string (Windows paths hold backslashes, which
+/// a basic string would take for escapes).
+pub fn toml_path(path: &Path) -> String {
+    format!("'{}'", path.display())
+}
+
+/// Open a connection to an agent's endpoint, without waiting.
+pub fn open_stream(endpoint: &Path) -> std::io::Result<Stream> {
+    #[cfg(unix)]
+    {
+        UnixStream::connect(endpoint)
+    }
+    #[cfg(windows)]
+    {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(endpoint)
+    }
+}
+
+/// Open a connection to an agent's endpoint. On Windows, retry while every
+/// instance of the pipe is busy: the agent creates the next one just after
+/// a client connects.
+pub fn connect_stream(endpoint: &Path) -> Stream {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match open_stream(endpoint) {
+            Ok(s) => {
+                #[cfg(unix)]
+                s.set_read_timeout(Some(PATIENCE)).unwrap();
+                return s;
+            }
+            // ERROR_PIPE_BUSY
+            Err(e) if cfg!(windows) && e.raw_os_error() == Some(231) => {
+                assert!(Instant::now() < deadline, "the agent's pipe stayed busy");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("connect to the agent: {e}"),
+        }
+    }
+}
+
+/// Wait until the agent listens on `endpoint`: its socket file exists, or
+/// on Windows its pipe accepts a connection (closed at once).
+fn wait_for_endpoint(child: &mut Child, endpoint: &Path) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let ready = if cfg!(windows) {
+            open_stream(endpoint).is_ok()
+        } else {
+            endpoint.exists()
+        };
+        if ready {
+            return;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the agent exited before listening: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never created its socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
 
 /// A scratch directory removed on drop.
 pub struct Scratch(pub PathBuf);
@@ -58,21 +157,21 @@ impl Agent {
     /// before it is spawned (extra environment, resource limits).
     pub fn start_with(config: &str, setup: impl FnOnce(&mut Command)) -> Self {
         let scratch = Scratch::new("agent");
-        let socket = scratch.0.join("agent.sock");
+        let socket = endpoint(&scratch, "agent");
         let config_path = scratch.0.join("config.toml");
         let mut config = config.to_owned();
         if !config.contains("[audit]") {
             // Keep the trail in the scratch directory, not on stderr.
             config.push_str(&format!(
-                "\n[audit]\ndestination = \"none\"\njsonl_path = \"{}\"\n",
-                scratch.0.join("audit.jsonl").display()
+                "\n[audit]\ndestination = \"none\"\njsonl_path = {}\n",
+                toml_path(&scratch.0.join("audit.jsonl"))
             ));
         }
         std::fs::write(&config_path, config).unwrap();
         let mut cmd = command(&config_path, &socket);
         setup(&mut cmd);
         let child = cmd.spawn().expect("start the agent");
-        let agent = Agent {
+        let mut agent = Agent {
             child,
             socket,
             scratch,
@@ -83,6 +182,7 @@ impl Agent {
 
     /// Stop the agent with SIGTERM and start a new one on the same socket
     /// with the same configuration. Returns the old one's exit status.
+    #[cfg(unix)]
     pub fn restart(&mut self) -> ExitStatus {
         let status = self.signal_and_wait();
         self.child = spawn(&self.scratch.0.join("config.toml"), &self.socket);
@@ -90,15 +190,8 @@ impl Agent {
         status
     }
 
-    fn wait_for_socket(&self) {
-        let deadline = Instant::now() + PATIENCE;
-        while !self.socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "the agent never created its socket"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+    fn wait_for_socket(&mut self) {
+        wait_for_endpoint(&mut self.child, &self.socket);
     }
 
     /// A new connection, past its `agent_ready`.
@@ -110,10 +203,12 @@ impl Agent {
     }
 
     /// Send SIGTERM and wait for the exit status.
+    #[cfg(unix)]
     pub fn terminate(mut self) -> ExitStatus {
         self.signal_and_wait()
     }
 
+    #[cfg(unix)]
     fn signal_and_wait(&mut self) -> ExitStatus {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -141,6 +236,7 @@ pub fn power_log(config: &Path) -> PathBuf {
     config.with_file_name("power.log")
 }
 
+#[cfg(unix)]
 fn spawn(config: &Path, socket: &Path) -> Child {
     command(config, socket).spawn().expect("start the agent")
 }
@@ -151,7 +247,7 @@ fn command(config: &Path, socket: &Path) -> Command {
         .arg("--config")
         .arg(config)
         .arg("--transport")
-        .arg(format!("unix:{}", socket.display()))
+        .arg(transport(socket))
         .arg("--log-level")
         .arg("warn")
         .stdin(Stdio::null())
@@ -161,14 +257,14 @@ fn command(config: &Path, socket: &Path) -> Command {
 
 /// A raw connection speaking frames.
 pub struct Conn {
-    pub stream: UnixStream,
+    pub stream: Stream,
 }
 
 impl Conn {
     pub fn open(path: &Path) -> Self {
-        let stream = UnixStream::connect(path).expect("connect to the agent");
-        stream.set_read_timeout(Some(PATIENCE)).unwrap();
-        Conn { stream }
+        Conn {
+            stream: connect_stream(path),
+        }
     }
 
     /// Send one frame with this body.
@@ -210,7 +306,12 @@ impl Conn {
     /// Whether the agent closed the connection (reads EOF).
     pub fn closed_by_agent(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.stream.read(&mut b), Ok(0))
+        match self.stream.read(&mut b) {
+            Ok(0) => true,
+            // A named pipe whose server closed reads ERROR_BROKEN_PIPE.
+            Err(e) => cfg!(windows) && e.kind() == std::io::ErrorKind::BrokenPipe,
+            Ok(_) => false,
+        }
     }
 
     /// Ping with a distinctive id; the very next frame must be its answer.
@@ -234,15 +335,16 @@ pub fn error_code(reply: &Value) -> i64 {
 /// A connection in qemu-guest-agent's protocol, reading newline-ended replies (0xFF bytes kept, at the
 /// start of the reply they precede).
 pub struct QgaConn {
-    pub s: UnixStream,
+    pub s: Stream,
     buf: Vec<u8>,
 }
 
 impl QgaConn {
     pub fn open(path: &Path) -> Self {
-        let s = UnixStream::connect(path).expect("connect");
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        QgaConn { s, buf: Vec::new() }
+        QgaConn {
+            s: connect_stream(path),
+            buf: Vec::new(),
+        }
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
@@ -309,36 +411,29 @@ pub struct QgaAgent {
 impl QgaAgent {
     pub fn start(config: &str) -> Self {
         let scratch = Scratch::new("qga-agent");
-        let socket = scratch.0.join("qga.sock");
+        let socket = endpoint(&scratch, "qga");
         let config_path = scratch.0.join("config.toml");
         let mut config = config.to_owned();
         if !config.contains("[audit]") {
             config.push_str(&format!(
-                "\n[audit]\ndestination = \"none\"\njsonl_path = \"{}\"\n",
-                scratch.0.join("audit.jsonl").display()
+                "\n[audit]\ndestination = \"none\"\njsonl_path = {}\n",
+                toml_path(&scratch.0.join("audit.jsonl"))
             ));
         }
         std::fs::write(&config_path, config).unwrap();
-        let child = Command::new(agent_binary())
+        let mut child = Command::new(agent_binary())
             .env("KVA_POWER_DRY_RUN", power_log(&config_path))
             .arg("--config")
             .arg(&config_path)
             .arg("--transport")
-            .arg(format!("unix:{}", scratch.0.join("agent.sock").display()))
+            .arg(transport(&endpoint(&scratch, "agent")))
             .arg("--qga-transport")
-            .arg(format!("unix:{}", socket.display()))
+            .arg(transport(&socket))
             .args(["--log-level", "warn"])
             .stdin(Stdio::null())
             .spawn()
             .expect("start the agent");
-        let deadline = Instant::now() + PATIENCE;
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "the agent never created its socket"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_endpoint(&mut child, &socket);
         QgaAgent {
             child,
             socket,
@@ -381,8 +476,8 @@ pub fn file_fixture(tag: &str, extra: &str) -> FileFixture {
     let root = scratch.0.join("root");
     std::fs::create_dir(&root).unwrap();
     let agent = Agent::start(&format!(
-        "[security]\nallowed_file_paths = [\"{}\"]\n{extra}",
-        root.display()
+        "[security]\nallowed_file_paths = [{}]\n{extra}",
+        toml_path(&root)
     ));
     FileFixture {
         agent,
