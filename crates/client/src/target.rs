@@ -1,9 +1,13 @@
 //! Where the agent is: [`Target`], parsed from strings such as
-//! `unix:/run/vm1/agent.sock`, `vsock:3:1024` or `hvsock:/run/vm1/v.sock:1024`.
+//! `unix:/run/vm1/agent.sock`, `vsock:3:1024`, `hvsock:/run/vm1/v.sock:1024`
+//! or (inside a Windows guest) `pipe:kvm-manager-agent`.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+
+/// The prefix of local named pipes.
+const PIPE_PREFIX: &str = r"\\.\pipe\";
 
 /// How to reach an agent.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -29,6 +33,10 @@ pub enum Target {
         /// The guest port the agent listens on.
         port: u32,
     },
+    /// `pipe:NAME` or `pipe:\\.\pipe\NAME`: the agent's named-pipe
+    /// listener, from inside a Windows guest (Windows only). Held in the
+    /// full `\\.\pipe\NAME` form.
+    Pipe(String),
 }
 
 /// Why a target string is not a [`Target`].
@@ -36,7 +44,7 @@ pub enum Target {
 pub enum TargetParseError {
     /// No `SCHEME:` prefix, or an unknown scheme.
     #[error(
-        "unknown target scheme in {0:?}: expected unix:PATH, vsock:CID:PORT or hvsock:PATH:PORT"
+        "unknown target scheme in {0:?}: expected unix:PATH, vsock:CID:PORT, hvsock:PATH:PORT or pipe:NAME"
     )]
     UnknownScheme(String),
     /// A path that is empty.
@@ -120,6 +128,19 @@ impl FromStr for Target {
                     port: number(s, "port", port)?,
                 })
             }
+            "pipe" => {
+                let name = rest.strip_prefix(PIPE_PREFIX).unwrap_or(rest);
+                if name.is_empty() {
+                    return Err(TargetParseError::EmptyPath(s.to_owned()));
+                }
+                if name.contains('\\') {
+                    return Err(TargetParseError::Malformed {
+                        spec: s.to_owned(),
+                        expected: r"pipe:NAME or pipe:\\.\pipe\NAME, NAME without backslashes",
+                    });
+                }
+                Ok(Target::Pipe(format!("{PIPE_PREFIX}{name}")))
+            }
             _ => Err(TargetParseError::UnknownScheme(s.to_owned())),
         }
     }
@@ -131,6 +152,7 @@ impl fmt::Display for Target {
             Target::Unix(path) => write!(f, "unix:{}", path.display()),
             Target::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
             Target::HybridVsock { path, port } => write!(f, "hvsock:{}:{port}", path.display()),
+            Target::Pipe(name) => write!(f, "pipe:{name}"),
         }
     }
 }
@@ -174,6 +196,14 @@ mod tests {
                 port: 52
             }
         );
+        assert_eq!(
+            "pipe:kvm-manager-agent".parse::<Target>().unwrap(),
+            Target::Pipe(r"\\.\pipe\kvm-manager-agent".into())
+        );
+        assert_eq!(
+            r"pipe:\\.\pipe\a:b".parse::<Target>().unwrap(),
+            Target::Pipe(r"\\.\pipe\a:b".into())
+        );
     }
 
     #[test]
@@ -182,6 +212,7 @@ mod tests {
             "unix:/run/vm1/agent.sock",
             "vsock:3:1024",
             "hvsock:/run/fc/v.sock:52",
+            r"pipe:\\.\pipe\kvm-manager-agent",
         ] {
             assert_eq!(s.parse::<Target>().unwrap().to_string(), s);
         }
@@ -197,6 +228,10 @@ mod tests {
         assert!(matches!(err(""), E::UnknownScheme(_)));
         assert!(matches!(err("unix:"), E::EmptyPath(_)));
         assert!(matches!(err("hvsock::5"), E::EmptyPath(_)));
+        assert!(matches!(err("pipe:"), E::EmptyPath(_)));
+        assert!(matches!(err(r"pipe:\\.\pipe\"), E::EmptyPath(_)));
+        assert!(matches!(err(r"pipe:a\b"), E::Malformed { .. }));
+        assert!(matches!(err(r"pipe:\\host\pipe\x"), E::Malformed { .. }));
         assert!(matches!(err("vsock:3"), E::Malformed { .. }));
         assert!(matches!(err("hvsock:/x"), E::Malformed { .. }));
         assert!(matches!(

@@ -36,7 +36,36 @@ pub(crate) async fn connect(target: &Target) -> Result<BoxStream, ClientError> {
             Ok(Box::pin(s))
         }
         Target::Vsock { cid, port } => vsock_connect(target, *cid, *port).await,
+        Target::Pipe(name) => {
+            let s = pipe_connect(name).await.map_err(connect_err)?;
+            Ok(Box::pin(s))
+        }
     }
+}
+
+/// Open a named pipe, waiting while all its instances are busy (the agent
+/// creates the next instance right after a client connects).
+#[cfg(windows)]
+async fn pipe_connect(name: &str) -> io::Result<tokio::net::windows::named_pipe::NamedPipeClient> {
+    const ERROR_PIPE_BUSY: i32 = 231;
+    loop {
+        match tokio::net::windows::named_pipe::ClientOptions::new().open(name) {
+            Err(e) if e.raw_os_error() == Some(ERROR_PIPE_BUSY) => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Named pipes are a Windows thing: elsewhere the connect fails with
+/// `Unsupported`.
+#[cfg(not(windows))]
+async fn pipe_connect(_name: &str) -> io::Result<tokio::io::DuplexStream> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "named pipe targets are only supported on Windows",
+    ))
 }
 
 #[cfg(unix)]

@@ -43,6 +43,8 @@ Targets (--connect or KVM_AGENT_CONNECT):
   vsock:CID:PORT     AF_VSOCK to the guest with context id CID (Linux hosts)
   hvsock:PATH:PORT   hybrid vsock of Firecracker, Cloud Hypervisor or
                      vhost-device-vsock: the VMM's unix socket PATH, guest PORT
+  pipe:NAME          inside a Windows guest: the agent's named pipe
+                     \\\\.\\pipe\\NAME (the agent's pipe: transport)
 
 Exit codes:
   0  success
@@ -69,7 +71,7 @@ Examples:
 #[derive(Debug, Parser)]
 #[command(name = "kvm-agent-ctl", version, after_help = AFTER_HELP)]
 struct Cli {
-    /// Where the agent is: unix:PATH, vsock:CID:PORT or hvsock:PATH:PORT.
+    /// Where the agent is: unix:PATH, vsock:CID:PORT, hvsock:PATH:PORT or pipe:NAME.
     #[arg(
         short,
         long,
