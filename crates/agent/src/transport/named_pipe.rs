@@ -60,7 +60,13 @@ impl PipeTransport {
 
     async fn accept_one(&self) -> io::Result<Connection> {
         let mut waiting = self.waiting.lock().await;
-        waiting.connect().await?;
+        if let Err(e) = waiting.connect().await {
+            // A client that came and went before the connect (ERROR_NO_DATA)
+            // leaves the instance unusable: replace it, or every later
+            // accept would fail the same way.
+            *waiting = self.sd.create(&self.name, false)?;
+            return Err(e);
+        }
         // The next client gets a fresh instance; this one is the connection.
         let next = self.sd.create(&self.name, false)?;
         let connected = std::mem::replace(&mut *waiting, next);
@@ -199,6 +205,31 @@ mod tests {
             let mut back = [0u8; 4];
             first.read_exact(&mut back).await.unwrap();
             assert_eq!(&back, b"back");
+        });
+    }
+
+    #[test]
+    fn a_client_that_came_and_went_does_not_stop_the_listener() {
+        runtime().block_on(async {
+            let name = unique("gone");
+            let t = PipeTransport::bind(&name).unwrap();
+            drop(ClientOptions::new().open(&name).unwrap());
+            // Either an error for the vanished client (Windows:
+            // ConnectNamedPipe fails with ERROR_NO_DATA, and the instance is
+            // replaced), or its connection, already closed (what Wine 8.0
+            // does): both must leave a usable instance waiting.
+            let first = t.accept().await;
+            if let Ok(c) = first {
+                let mut s = c.stream;
+                let mut buf = [0u8; 1];
+                assert!(!matches!(s.read(&mut buf).await, Ok(1)));
+            }
+            let mut client = ClientOptions::new().open(&name).unwrap();
+            let mut next = t.accept().await.unwrap().stream;
+            client.write_all(b"x").await.unwrap();
+            let mut buf = [0u8; 1];
+            next.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"x");
         });
     }
 }
