@@ -1,16 +1,11 @@
 //! The audit trail of the real agent: exactly one record per request, with
 //! the right decision, whatever the request was.
 
-// These tests talk to the agent (or the CLI) over unix sockets: on Windows
-// this file compiles to nothing (no Windows transport exists yet) rather
-// than having its tests skipped or failing. On Linux they all run.
-#![cfg(unix)]
-
 mod common;
 
 use std::collections::BTreeMap;
 
-use common::Agent;
+use common::{toml_path, Agent};
 use serde_json::Value;
 
 fn records(path: &std::path::Path) -> Vec<Value> {
@@ -26,9 +21,9 @@ fn ten_thousand_mixed_requests_leave_ten_thousand_records() {
     let dir = common::Scratch::new("audit");
     let trail = dir.0.join("audit.jsonl");
     let agent = Agent::start(&format!(
-        "[audit]\ndestination = \"none\"\njsonl_path = \"{}\"\njsonl_max_bytes = 1073741824\n\
+        "[audit]\ndestination = \"none\"\njsonl_path = {}\njsonl_max_bytes = 1073741824\n\
          [limits]\nmax_requests_per_connection = 1\n",
-        trail.display()
+        toml_path(&trail)
     ));
     let mut c = agent.connect();
     // Ten kinds of request, a thousand of each, sent in one stream.
@@ -104,8 +99,13 @@ fn ten_thousand_mixed_requests_leave_ten_thousand_records() {
             r["outcome"].as_str().unwrap().to_owned(),
         );
         *seen.entry(key).or_default() += 1;
-        assert_eq!(r["transport"], "unix");
-        assert!(r["peer"].as_str().unwrap().starts_with("unix pid "));
+        let (transport, peer) = if cfg!(windows) {
+            ("pipe", "named pipe client pid ")
+        } else {
+            ("unix", "unix pid ")
+        };
+        assert_eq!(r["transport"], transport);
+        assert!(r["peer"].as_str().unwrap().starts_with(peer), "{r}");
         assert!(r["time_ms"].as_u64().unwrap() > 1_600_000_000_000);
     }
     assert_eq!(seen, expected);
@@ -123,9 +123,9 @@ fn busy_refusals_and_frame_errors_are_recorded() {
     let dir = common::Scratch::new("audit-busy");
     let trail = dir.0.join("audit.jsonl");
     let agent = Agent::start(&format!(
-        "[audit]\ndestination = \"none\"\njsonl_path = \"{}\"\n\
+        "[audit]\ndestination = \"none\"\njsonl_path = {}\n\
          [limits]\nmax_requests_per_connection = 1\nmax_frame_bytes = 4096\n",
-        trail.display()
+        toml_path(&trail)
     ));
     let mut c = agent.connect();
     let reply = c.call(
@@ -163,8 +163,8 @@ fn an_unwritable_trail_stops_the_agent_at_start() {
     std::fs::write(
         &config,
         format!(
-            "[audit]\njsonl_path = \"{}\"\n",
-            dir.0.join("no/such/dir/audit.jsonl").display()
+            "[audit]\njsonl_path = {}\n",
+            toml_path(&dir.0.join("no/such/dir/audit.jsonl"))
         ),
     )
     .unwrap();
@@ -172,7 +172,7 @@ fn an_unwritable_trail_stops_the_agent_at_start() {
         .arg("--config")
         .arg(&config)
         .arg("--transport")
-        .arg(format!("unix:{}", dir.0.join("a.sock").display()))
+        .arg(common::transport(&common::endpoint(&dir, "a")))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
