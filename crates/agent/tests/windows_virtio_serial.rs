@@ -3,7 +3,7 @@
 //! agent opens `virtio-serial:\\.\pipe\NAME` as it would open
 //! `\\.\Global\org.kvmmanager.agent.0`. Checked: a ping, a host that
 //! disconnects and comes back, and a device that appears after the agent
-//! started. What vioser itself does (and COM ports, which must never be
+//! started, without spinning while it waits. What vioser itself does (and COM ports, which must never be
 //! opened under Wine) needs a real Windows guest.
 
 // Windows only: on Linux the virtio-serial transport is a character device,
@@ -162,6 +162,64 @@ fn a_device_that_appears_late_is_picked_up() {
         // The agent is waiting for a device that does not exist yet (it
         // retries with a growing delay): let it miss a few times.
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let mut host = host_session(&name, true).await;
+        ready_and_ping(&mut host, 1).await;
+    });
+}
+
+/// CPU time (kernel + user) the process has used so far.
+fn cpu_time(child: &Child) -> std::time::Duration {
+    use std::os::windows::io::AsRawHandle;
+    use windows_sys::Win32::Foundation::FILETIME;
+    use windows_sys::Win32::System::Threading::GetProcessTimes;
+    let zero = FILETIME {
+        dwLowDateTime: 0,
+        dwHighDateTime: 0,
+    };
+    let (mut created, mut exited, mut kernel, mut user) = (zero, zero, zero, zero);
+    // SAFETY: a live process handle owned by `child`, valid out pointers.
+    let ok = unsafe {
+        GetProcessTimes(
+            child.as_raw_handle(),
+            &mut created,
+            &mut exited,
+            &mut kernel,
+            &mut user,
+        )
+    };
+    assert_ne!(
+        ok,
+        0,
+        "GetProcessTimes: {}",
+        std::io::Error::last_os_error()
+    );
+    let ticks = |t: FILETIME| (u64::from(t.dwHighDateTime) << 32) | u64::from(t.dwLowDateTime);
+    // FILETIME counts 100 ns.
+    std::time::Duration::from_nanos((ticks(kernel) + ticks(user)) * 100)
+}
+
+#[test]
+fn waiting_for_an_absent_device_costs_no_cpu() {
+    let name = device_name("idle");
+    let mut agent = PortAgent::start(&name);
+    // Past start-up, then a few seconds of waiting for the device: a loop
+    // that retried without its growing delay would burn those seconds.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let before = cpu_time(&agent.child);
+    // The measure works: starting up took some CPU.
+    assert!(before > std::time::Duration::ZERO, "no CPU time reported");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let used = cpu_time(&agent.child) - before;
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent exited"
+    );
+    assert!(
+        used < std::time::Duration::from_millis(300),
+        "{used:?} of CPU in 3 s of waiting"
+    );
+    // It was waiting, not stuck: the device appears and it answers.
+    runtime().block_on(async {
         let mut host = host_session(&name, true).await;
         ready_and_ping(&mut host, 1).await;
     });
