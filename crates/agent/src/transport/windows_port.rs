@@ -19,10 +19,16 @@
 //! the next open wait for the next delay, so a device that fails at once
 //! costs at most one open every 5 s.
 //!
-//! **Sessions.** A session starts when the device opens and ends when a
+//! **Sessions.** A session starts when the device is open and a host is
+//! attached: a first read is under way or returned data. (vioser fails a
+//! read at once while the host has not opened its side, see [`no_host`];
+//! the agent then keeps the port open and reads again after a growing
+//! delay, 100 ms up to 1 s, so the host gets `agent_ready` within a second
+//! of connecting and the port does not flap open and closed.) It ends when a
 //! read or a write fails or reads end of stream (the pipe's server went
-//! away; vioser's behaviour when the host closes its side is the driver's:
-//! this needs a real guest to confirm), or when the agent drops the
+//! away; what vioser does to a pending read when the host closes its side
+//! is the driver's business and needs a real guest to confirm), or when the
+//! agent drops the
 //! connection. The handle is then closed and the device reopened for the
 //! next host.
 //!
@@ -46,13 +52,14 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::runtime::Handle as Runtime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use windows_sys::Win32::Devices::Communication::{
     GetCommState, PurgeComm, SetCommState, SetCommTimeouts, COMMTIMEOUTS, DCB, NOPARITY,
     ONESTOPBIT, PURGE_RXCLEAR, PURGE_TXCLEAR,
 };
 use windows_sys::Win32::Foundation::{
-    GetLastError, ERROR_IO_PENDING, GENERIC_READ, GENERIC_WRITE, HANDLE, INVALID_HANDLE_VALUE,
+    GetLastError, ERROR_IO_PENDING, ERROR_NO_SYSTEM_RESOURCES, GENERIC_READ, GENERIC_WRITE, HANDLE,
+    INVALID_HANDLE_VALUE,
 };
 use windows_sys::Win32::Storage::FileSystem::{
     CreateFileW, ReadFile, WriteFile, FILE_FLAG_OVERLAPPED, FILE_SHARE_NONE, OPEN_EXISTING,
@@ -67,6 +74,10 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 
 /// The longest delay between attempts to open an absent device.
 const MAX_RETRY: Duration = Duration::from_secs(5);
+
+/// The longest wait between reads while no host is attached (vioser fails
+/// a read at once then, see [`no_host`]).
+const MAX_HOST_POLL: Duration = Duration::from_secs(1);
 
 /// Bytes buffered between the device threads and the connection, each way.
 const BRIDGE_BUFFER: usize = 64 * 1024;
@@ -147,8 +158,22 @@ impl PortTransport {
                 Ok(handle) => {
                     log::info!("opened {path}");
                     let heard = Arc::new(AtomicBool::new(false));
-                    let (stream, done) = start_session(handle, heard.clone())?;
+                    let (stream, done, host) = start_session(handle, heard.clone())?;
                     self.previous = Some((done, heard));
+                    // The reader says when a host is there: its first read
+                    // is under way or has data.
+                    if host.await.is_err() {
+                        // The device failed before any host came: once the
+                        // threads have let go of it, open it again after
+                        // the next delay.
+                        log::debug!("{path} failed before a host connected");
+                        if let Some((mut done, _)) = self.previous.take() {
+                            let _ = done.recv().await;
+                        }
+                        tokio::time::sleep(self.next_retry()).await;
+                        continue;
+                    }
+                    log::info!("host connected on {path}");
                     return Ok(Connection {
                         stream: Box::new(stream),
                         initial: Vec::new(),
@@ -301,13 +326,21 @@ impl Device {
     }
 }
 
+/// Whether a failed read means "no host on the other side right now":
+/// vioser completes a read with STATUS_INSUFFICIENT_RESOURCES
+/// (ERROR_NO_SYSTEM_RESOURCES) when the host has not opened its side and
+/// nothing is buffered, instead of keeping it pending.
+pub fn no_host(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(ERROR_NO_SYSTEM_RESOURCES as i32)
+}
+
 /// Start the reader and writer threads of a session. Returns the
-/// connection's end of the bridge, and a receiver that closes when both
-/// threads are done with the handle.
+/// connection's end of the bridge, a receiver that closes when both threads
+/// are done with the handle, and one that fires once a host is attached.
 fn start_session(
     handle: OwnedHandle,
     heard: Arc<AtomicBool>,
-) -> io::Result<(DuplexStream, mpsc::Receiver<()>)> {
+) -> io::Result<(DuplexStream, mpsc::Receiver<()>, oneshot::Receiver<()>)> {
     let runtime = Runtime::current();
     let device = Arc::new(Device {
         handle,
@@ -317,12 +350,13 @@ fn start_session(
     let (near, far) = tokio::io::duplex(BRIDGE_BUFFER);
     let (far_read, far_write) = tokio::io::split(far);
     let (done_tx, done_rx) = mpsc::channel::<()>(1);
+    let (host_tx, host_rx) = oneshot::channel();
     {
         let (device, runtime, done) = (device.clone(), runtime.clone(), done_tx.clone());
         std::thread::Builder::new()
             .name("kva-port-read".into())
             .spawn(move || {
-                read_loop(&device, far_write, &runtime, &heard);
+                read_loop(&device, far_write, &runtime, &heard, host_tx);
                 device.reader_done.store(true, Ordering::SeqCst);
                 drop(device);
                 drop(done);
@@ -349,16 +383,24 @@ fn start_session(
         device.close();
         return Err(e);
     }
-    Ok((near, done_rx))
+    Ok((near, done_rx, host_rx))
 }
 
+/// Read from the device into the bridge until either ends. Until a host is
+/// attached (`host` not yet sent), reads that fail with [`no_host`] are
+/// retried after a growing delay, the port staying open: the connection is
+/// handed over, and `agent_ready` sent, only once a host is there.
 fn read_loop(
     device: &Device,
     mut bridge: WriteHalf<DuplexStream>,
     runtime: &Runtime,
     heard: &AtomicBool,
+    host: oneshot::Sender<()>,
 ) {
     let mut buf = vec![0u8; BRIDGE_BUFFER];
+    let mut host = Some(host);
+    let mut poll = FIRST_RETRY;
+    let mut said = false;
     match Event::new() {
         Ok(event) => loop {
             if device.closing.load(Ordering::SeqCst) {
@@ -368,10 +410,18 @@ fn read_loop(
             let ptr = buf.as_mut_ptr();
             // SAFETY: `buf` and the OVERLAPPED outlive the operation:
             // `overlapped` waits for its completion (or cancellation).
-            let read = overlapped(device.raw(), &event, |ov| unsafe {
+            let read = overlapped(device.raw(), &event, &mut host, |ov| unsafe {
                 ReadFile(device.raw(), ptr, len, std::ptr::null_mut(), ov)
             });
             match read {
+                Err(e) if host.is_some() && no_host(&e) => {
+                    if !said {
+                        log::info!("port: waiting for a host");
+                        said = true;
+                    }
+                    std::thread::sleep(poll);
+                    poll = (poll * 2).min(MAX_HOST_POLL);
+                }
                 Ok(0) => {
                     log::debug!("port: end of stream");
                     break;
@@ -417,7 +467,7 @@ fn write_loop(device: &Device, mut bridge: ReadHalf<DuplexStream>, runtime: &Run
             let chunk = &buf[sent..n];
             // SAFETY: `buf` and the OVERLAPPED outlive the operation:
             // `overlapped` waits for its completion (or cancellation).
-            let wrote = overlapped(device.raw(), &event, |ov| unsafe {
+            let wrote = overlapped(device.raw(), &event, &mut None, |ov| unsafe {
                 WriteFile(
                     device.raw(),
                     chunk.as_ptr(),
@@ -458,10 +508,12 @@ impl Event {
 }
 
 /// Start an overlapped operation with `start` and wait for it to finish.
-/// Returns the bytes transferred.
+/// Returns the bytes transferred. Once the operation has started (pending,
+/// or done at once), `started` fires, if given.
 fn overlapped(
     handle: HANDLE,
     event: &Event,
+    started: &mut Option<oneshot::Sender<()>>,
     start: impl FnOnce(*mut OVERLAPPED) -> windows_sys::core::BOOL,
 ) -> io::Result<usize> {
     let mut ov = OVERLAPPED {
@@ -474,6 +526,9 @@ fn overlapped(
         if e != ERROR_IO_PENDING {
             return Err(io::Error::from_raw_os_error(e as i32));
         }
+    }
+    if let Some(tx) = started.take() {
+        let _ = tx.send(());
     }
     let mut n = 0u32;
     // SAFETY: `ov` is the operation's OVERLAPPED; waiting (bWait = TRUE)
@@ -543,6 +598,15 @@ mod tests {
             (0, 0)
         );
         assert!(t.WriteTotalTimeoutConstant > 0, "writes have a deadline");
+    }
+
+    #[test]
+    fn vioser_without_a_host_is_told_apart() {
+        // STATUS_INSUFFICIENT_RESOURCES as Win32 reports it.
+        assert!(no_host(&io::Error::from_raw_os_error(1450)));
+        // A pipe whose server left, a cancelled read: the session ends.
+        assert!(!no_host(&io::Error::from_raw_os_error(109)));
+        assert!(!no_host(&io::Error::from_raw_os_error(995)));
     }
 
     #[test]
