@@ -70,7 +70,9 @@ pub fn open_stream(endpoint: &Path) -> std::io::Result<Stream> {
 
 /// Open a connection to an agent's endpoint. On Windows, retry while every
 /// instance of the pipe is busy: the agent creates the next one just after
-/// a client connects.
+/// a client connects. Reads time out after [`PATIENCE`] on unix only: a
+/// pipe opened as a file has no read timeout, so on Windows a hang shows as
+/// a test that does not finish.
 pub fn connect_stream(endpoint: &Path) -> Stream {
     let deadline = Instant::now() + PATIENCE;
     loop {
