@@ -3,9 +3,10 @@
 //! The policy has already allowed the command (in `dispatch::admit`); each
 //! start asks it again for the grant (path and user), so what starts is what
 //! passed the check at that moment. No shell: the resolved path is executed
-//! with the request's arguments, in a session of its own (its pid is its
-//! process group, which timeouts and `exec_kill` signal as a whole), with a
-//! clean environment: `PATH` (the fixed search path), `HOME`, `USER`,
+//! with the request's arguments, as a [`platform::ProcessTree`] (Linux: a
+//! session of its own, whose process group timeouts and `exec_kill` signal
+//! as a whole; Windows: a job object of its own, terminated as a whole),
+//! with a clean environment: `PATH` (the fixed search path), `HOME`, `USER`,
 //! `LOGNAME`, plus the request's `env` (names limited by
 //! `security.exec_env`).
 //!
@@ -199,7 +200,8 @@ impl ExecTable {
 
 #[derive(Debug)]
 struct Job {
-    pid: u32,
+    /// The command and what it started (its process group, its job object).
+    tree: platform::ProcessTree,
     state: Mutex<JobState>,
     /// Wakes pumps waiting for room.
     room: Notify,
@@ -253,6 +255,7 @@ struct Spec<'a> {
 struct Started {
     child: tokio::process::Child,
     pid: u32,
+    tree: platform::ProcessTree,
     stdout: tokio::process::ChildStdout,
     stderr: tokio::process::ChildStderr,
     permit: OwnedSemaphorePermit,
@@ -358,7 +361,15 @@ fn start(ctx: &Context, spec: Spec<'_>, audit: &mut PendingAudit) -> Result<Star
             error,
         })?;
     let started = Instant::now();
-    let pid = child.id().unwrap_or(0);
+    let tree = match platform::ProcessTree::adopt(&child) {
+        Ok(t) => t,
+        Err(e) => {
+            // Not started for real (on Windows still suspended, in no job).
+            let _ = child.start_kill();
+            return Err(e.into());
+        }
+    };
+    let pid = tree.id();
     audit.detail("pid", pid);
     if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
         // A command that does not read its input gets EPIPE here; fine.
@@ -371,6 +382,7 @@ fn start(ctx: &Context, spec: Spec<'_>, audit: &mut PendingAudit) -> Result<Star
     Ok(Started {
         child,
         pid,
+        tree,
         stdout,
         stderr,
         permit,
@@ -404,6 +416,7 @@ pub async fn exec(
     let Started {
         mut child,
         pid,
+        tree,
         stdout,
         stderr,
         permit,
@@ -433,7 +446,7 @@ pub async fn exec(
         s = child.wait() => s,
         _ = tokio::time::sleep(timeout) => {
             timed_out = true;
-            let _ = platform::signal_group(pid, platform::SIGKILL);
+            let _ = tree.signal(platform::SIGKILL);
             child.wait().await
         }
     };
@@ -507,6 +520,7 @@ pub async fn start_job(
     let Started {
         mut child,
         pid,
+        tree,
         stdout,
         stderr,
         permit,
@@ -528,7 +542,7 @@ pub async fn start_job(
     let handle = ctx.exec.next.fetch_add(1, Ordering::Relaxed);
     audit.detail("handle", handle);
     let job = Arc::new(Job {
-        pid,
+        tree,
         state: Mutex::default(),
         room: Notify::new(),
         pumps: Mutex::default(),
@@ -546,7 +560,7 @@ pub async fn start_job(
             s = child.wait() => s,
             _ = tokio::time::sleep_until(deadline) => {
                 timed_out = true;
-                let _ = platform::signal_group(pid, platform::SIGKILL);
+                let _ = job.tree.signal(platform::SIGKILL);
                 child.wait().await
             }
         };
@@ -573,8 +587,8 @@ pub async fn start_job(
             let s = job.state.lock().unwrap();
             !(s.streams[0].eof && s.streams[1].eof)
         };
-        if open && platform::group_alive(pid) {
-            let _ = platform::signal_group(pid, platform::SIGKILL);
+        if open && job.tree.alive() {
+            let _ = job.tree.signal(platform::SIGKILL);
         }
     });
     Ok(ExecStarted { handle, pid })
@@ -721,7 +735,7 @@ pub fn kill(
         s.exit.is_none() || !(s.streams[0].eof && s.streams[1].eof)
     };
     if alive {
-        if let Err(e) = platform::signal_group(job.pid, sig) {
+        if let Err(e) = job.tree.signal(sig) {
             log::debug!("exec_kill {}: {e}", p.handle);
         }
     }
