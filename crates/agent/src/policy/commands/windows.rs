@@ -567,6 +567,101 @@ mod tests {
         assert_eq!(judge("S-1-5-18", Some(&inherited), PARENT_RIGHTS), Ok(()));
     }
 
+    /// Add to `path`'s DACL an entry granting Everyone `rights`.
+    fn grant_everyone(path: &Path, rights: u32) {
+        use windows_sys::Win32::Security::Authorization::{
+            ConvertStringSidToSidW, SetEntriesInAclW, SetNamedSecurityInfoW, EXPLICIT_ACCESS_W,
+            GRANT_ACCESS, TRUSTEE_IS_SID, TRUSTEE_IS_WELL_KNOWN_GROUP, TRUSTEE_W,
+        };
+        let mut everyone: PSID = std::ptr::null_mut();
+        let sid: Vec<u16> = "S-1-1-0\0".encode_utf16().collect();
+        // SAFETY: a NUL-terminated SID string; `everyone` is writable.
+        assert_ne!(
+            unsafe { ConvertStringSidToSidW(sid.as_ptr(), &mut everyone) },
+            0
+        );
+        let mut old: *mut ACL = std::ptr::null_mut();
+        let mut sd: PSECURITY_DESCRIPTOR = std::ptr::null_mut();
+        // SAFETY: as in `security`.
+        let code = unsafe {
+            GetNamedSecurityInfoW(
+                wide(path).as_ptr(),
+                SE_FILE_OBJECT,
+                DACL_SECURITY_INFORMATION,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                &mut old,
+                std::ptr::null_mut(),
+                &mut sd,
+            )
+        };
+        assert_eq!(code, 0);
+        let entry = EXPLICIT_ACCESS_W {
+            grfAccessPermissions: rights,
+            grfAccessMode: GRANT_ACCESS,
+            grfInheritance: 0,
+            Trustee: TRUSTEE_W {
+                TrusteeForm: TRUSTEE_IS_SID,
+                TrusteeType: TRUSTEE_IS_WELL_KNOWN_GROUP,
+                ptstrName: everyone.cast(),
+                ..Default::default()
+            },
+        };
+        let mut new: *mut ACL = std::ptr::null_mut();
+        // SAFETY: one valid entry; `old` is the object's DACL (alive in
+        // `sd`); `new` is writable.
+        assert_eq!(unsafe { SetEntriesInAclW(1, &entry, old, &mut new) }, 0);
+        // SAFETY: a NUL-terminated path and the ACL just made.
+        let code = unsafe {
+            SetNamedSecurityInfoW(
+                wide(path).as_ptr(),
+                SE_FILE_OBJECT,
+                DACL_SECURITY_INFORMATION,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                new,
+                std::ptr::null(),
+            )
+        };
+        // SAFETY: each was allocated by the calls above, and is not used
+        // again.
+        unsafe {
+            LocalFree(new.cast());
+            LocalFree(sd);
+            LocalFree(everyone);
+        }
+        assert_eq!(code, 0, "SetNamedSecurityInfoW");
+    }
+
+    /// A program, then its directory, made changeable by Everyone.
+    #[test]
+    fn programs_others_may_change_are_refused() {
+        let dir = std::env::temp_dir().join(format!("kva-trust-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let dir = plain(std::fs::canonicalize(&dir).unwrap());
+        let prog = dir.join("prog.exe");
+        std::fs::copy(locate("whoami.exe").unwrap(), &prog).unwrap();
+        assert_eq!(check_trusted(&prog), Ok(()));
+        grant_everyone(&prog, FILE_WRITE_DATA);
+        let e = check_trusted(&prog).unwrap_err();
+        assert!(
+            matches!(&e, Refusal::Untrusted(r) if r.contains("S-1-1-0") && r.contains("prog.exe")),
+            "{e:?}"
+        );
+        let other = dir.join("other.exe");
+        std::fs::copy(locate("whoami.exe").unwrap(), &other).unwrap();
+        assert_eq!(check_trusted(&other), Ok(()));
+        // Adding files to the directory: a DLL beside the program.
+        grant_everyone(&dir, FILE_WRITE_DATA);
+        let e = check_trusted(&other).unwrap_err();
+        assert!(
+            matches!(&e, Refusal::Untrusted(r) if r.contains("S-1-1-0") && !r.contains("other.exe")),
+            "{e:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// Under Wine the system files are owned by the prefix's user (the
     /// agent's own here) and only it and SYSTEM may write them: trusted.
     #[test]
