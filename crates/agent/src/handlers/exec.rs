@@ -812,7 +812,7 @@ mod windows_tests {
 
     /// Not a test of its own: the body of the test executable when the
     /// tests below run it through exec (`exit3`: output on both streams,
-    /// exit code 3; `flood`: 100000 bytes; `tree`: start a grandchild,
+    /// `USER` included, exit code 3; `flood`: 100000 bytes; `tree`: start a grandchild,
     /// print its pid, wait for it; `sleep`: a minute). Without the role it
     /// does nothing.
     #[test]
@@ -820,7 +820,8 @@ mod windows_tests {
         use std::io::Write;
         match std::env::var(ROLE).as_deref() {
             Ok("exit3") => {
-                print!("to stdout");
+                let user = std::env::var("USER").unwrap_or_default();
+                print!("to stdout as {user}");
                 eprint!("to stderr");
                 std::process::exit(3);
             }
@@ -935,7 +936,9 @@ mod windows_tests {
                 .await
                 .unwrap();
             assert_eq!((r.exit_code, r.signal, r.timed_out), (Some(3), None, false));
-            assert!(r.stdout.data.contains("to stdout"), "{:?}", r.stdout);
+            let me = platform::lookup_uid(platform::current_uid()).unwrap();
+            let line = format!("to stdout as {}", me.name);
+            assert!(r.stdout.data.contains(&line), "{:?}", r.stdout);
             assert!(r.stderr.data.contains("to stderr"), "{:?}", r.stderr);
             // A system program, named in another case than the allowlist's.
             let r = run(

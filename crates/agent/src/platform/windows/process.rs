@@ -37,6 +37,7 @@ use windows_sys::Win32::System::JobObjects::{
 use windows_sys::Win32::System::Threading::{
     OpenThread, ResumeThread, CREATE_NO_WINDOW, CREATE_SUSPENDED, THREAD_SUSPEND_RESUME,
 };
+use windows_sys::Win32::System::WindowsProgramming::GetUserNameW;
 
 use super::super::PlatformError;
 use super::unsupported;
@@ -55,9 +56,21 @@ pub fn lookup_user(_name: &str) -> Result<Option<UserIds>, PlatformError> {
     unsupported("run_as")
 }
 
-/// The agent's own user (not looked up on Windows).
+/// The agent's own account (there are no uids on Windows: the argument is
+/// ignored): its name (GetUserNameW, `SYSTEM` for a LocalSystem service)
+/// and profile folder (`USERPROFILE`), for a command's `USER`, `LOGNAME`
+/// and `HOME`.
 pub fn lookup_uid(_uid: u32) -> Option<UserIds> {
-    None
+    let mut buf = [0u16; 257];
+    let mut len = buf.len() as u32;
+    // SAFETY: `buf` is writable for `len` units.
+    if unsafe { GetUserNameW(buf.as_mut_ptr(), &mut len) } == 0 || len == 0 {
+        return None;
+    }
+    // `len` counts the NUL.
+    let name = String::from_utf16_lossy(&buf[..(len as usize - 1).min(buf.len())]);
+    let home = std::env::var("USERPROFILE").ok()?;
+    Some(UserIds { name, home })
 }
 
 /// The agent's user id (none on Windows).
@@ -398,6 +411,17 @@ mod tests {
             assert!(ends_within(&grandchild, 10_000), "the grandchild survived");
             let _ = child.wait().await;
         });
+    }
+
+    #[test]
+    fn the_agents_own_account() {
+        let me = lookup_uid(current_uid()).unwrap();
+        assert!(!me.name.is_empty() && !me.name.contains('\0'), "{me:?}");
+        assert_eq!(
+            std::env::var("USERNAME").ok().as_deref(),
+            Some(me.name.as_str())
+        );
+        assert!(std::path::Path::new(&me.home).is_dir(), "{me:?}");
     }
 
     #[test]
