@@ -876,6 +876,15 @@ impl Config {
 
 /// An allowlist entry: an absolute path without `.` or `..` components, or a
 /// bare name.
+/// On Windows the allowlist's own rules (`X:\...\name.exe` or `name.exe`).
+#[cfg(windows)]
+fn check_command_name(c: &str) -> Result<(), String> {
+    crate::policy::commands::windows::parse(c)
+        .map(|_| ())
+        .map_err(|r| format!("{c:?}: {}", r.reason()))
+}
+
+#[cfg(not(windows))]
 fn check_command_name(c: &str) -> Result<(), String> {
     if c.is_empty() || c.contains('\0') {
         return Err(format!("{c:?} is not a command"));

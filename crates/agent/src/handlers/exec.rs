@@ -3,9 +3,10 @@
 //! The policy has already allowed the command (in `dispatch::admit`); each
 //! start asks it again for the grant (path and user), so what starts is what
 //! passed the check at that moment. No shell: the resolved path is executed
-//! with the request's arguments, in a session of its own (its pid is its
-//! process group, which timeouts and `exec_kill` signal as a whole), with a
-//! clean environment: `PATH` (the fixed search path), `HOME`, `USER`,
+//! with the request's arguments, as a [`platform::ProcessTree`] (Linux: a
+//! session of its own, whose process group timeouts and `exec_kill` signal
+//! as a whole; Windows: a job object of its own, terminated as a whole),
+//! with a clean environment: `PATH` (the fixed search path), `HOME`, `USER`,
 //! `LOGNAME`, plus the request's `env` (names limited by
 //! `security.exec_env`).
 //!
@@ -42,6 +43,7 @@ use tokio::task::JoinHandle;
 use crate::audit::PendingAudit;
 use crate::context::Context;
 use crate::platform::{self, PlatformError};
+#[cfg(not(windows))]
 use crate::policy::commands::SEARCH_PATH_ENV;
 use crate::policy::PolicyError;
 
@@ -199,7 +201,8 @@ impl ExecTable {
 
 #[derive(Debug)]
 struct Job {
-    pid: u32,
+    /// The command and what it started (its process group, its job object).
+    tree: platform::ProcessTree,
     state: Mutex<JobState>,
     /// Wakes pumps waiting for room.
     room: Notify,
@@ -253,6 +256,7 @@ struct Spec<'a> {
 struct Started {
     child: tokio::process::Child,
     pid: u32,
+    tree: platform::ProcessTree,
     stdout: tokio::process::ChildStdout,
     stderr: tokio::process::ChildStderr,
     permit: OwnedSemaphorePermit,
@@ -280,7 +284,8 @@ fn start(ctx: &Context, spec: Spec<'_>, audit: &mut PendingAudit) -> Result<Star
     audit.detail("argv", argv);
     // Names only: values may be secrets.
     audit.detail("env_names", spec.env.keys().cloned().collect::<Vec<_>>());
-    audit.detail("cwd", spec.cwd.unwrap_or("/"));
+    let default_cwd = default_cwd();
+    audit.detail("cwd", spec.cwd.unwrap_or(&default_cwd));
     audit.detail("path", path.clone());
     audit.detail("allowed_by", grant.entry.clone());
     if let Some(u) = &grant.run_as {
@@ -302,7 +307,7 @@ fn start(ctx: &Context, spec: Spec<'_>, audit: &mut PendingAudit) -> Result<Star
         .map(|s| base64_decode(s.as_bytes()))
         .transpose()
         .map_err(|e| invalid(method, format!("stdin_base64: {e}")))?;
-    let cwd = spec.cwd.unwrap_or("/");
+    let cwd = spec.cwd.unwrap_or(&default_cwd);
     if !Path::new(cwd).is_absolute() || !Path::new(cwd).is_dir() {
         return Err(ExecError::CwdNotFound(cwd.to_owned()));
     }
@@ -335,10 +340,9 @@ fn start(ctx: &Context, spec: Spec<'_>, audit: &mut PendingAudit) -> Result<Star
         .map_err(|_| ExecError::Busy(ctx.exec.max_processes))?;
 
     let mut cmd = std::process::Command::new(&grant.path);
-    cmd.args(spec.args)
-        .env_clear()
-        .env("PATH", SEARCH_PATH_ENV)
-        .env("HOME", &home)
+    cmd.args(spec.args).env_clear();
+    base_env(&mut cmd);
+    cmd.env("HOME", &home)
         .env("USER", &name)
         .env("LOGNAME", &name)
         .envs(spec.env)
@@ -358,7 +362,15 @@ fn start(ctx: &Context, spec: Spec<'_>, audit: &mut PendingAudit) -> Result<Star
             error,
         })?;
     let started = Instant::now();
-    let pid = child.id().unwrap_or(0);
+    let tree = match platform::ProcessTree::adopt(&child) {
+        Ok(t) => t,
+        Err(e) => {
+            // Not started for real (on Windows still suspended, in no job).
+            let _ = child.start_kill();
+            return Err(e.into());
+        }
+    };
+    let pid = tree.id();
     audit.detail("pid", pid);
     if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
         // A command that does not read its input gets EPIPE here; fine.
@@ -371,12 +383,45 @@ fn start(ctx: &Context, spec: Spec<'_>, audit: &mut PendingAudit) -> Result<Star
     Ok(Started {
         child,
         pid,
+        tree,
         stdout,
         stderr,
         permit,
         timeout,
         started,
     })
+}
+
+/// The working directory when the request names none: `/`; on Windows
+/// the root of the system drive (`C:\`).
+fn default_cwd() -> String {
+    #[cfg(windows)]
+    if let Some(root) = crate::policy::commands::windows::system_directory()
+        .as_deref()
+        .and_then(|d| d.ancestors().last())
+    {
+        return root.to_string_lossy().into_owned();
+    }
+    "/".to_owned()
+}
+
+/// `PATH` (the fixed search path); on Windows the system directory, and
+/// `SystemRoot`, `SystemDrive` and `windir` from the agent's own
+/// environment (many Windows programs fail without them).
+fn base_env(cmd: &mut std::process::Command) {
+    #[cfg(windows)]
+    {
+        if let Some(dir) = crate::policy::commands::windows::system_directory() {
+            cmd.env("PATH", dir);
+        }
+        for name in ["SystemRoot", "SystemDrive", "windir"] {
+            if let Some(v) = std::env::var_os(name) {
+                cmd.env(name, v);
+            }
+        }
+    }
+    #[cfg(not(windows))]
+    cmd.env("PATH", SEARCH_PATH_ENV);
 }
 
 fn describe_exit(
@@ -404,6 +449,7 @@ pub async fn exec(
     let Started {
         mut child,
         pid,
+        tree,
         stdout,
         stderr,
         permit,
@@ -433,7 +479,7 @@ pub async fn exec(
         s = child.wait() => s,
         _ = tokio::time::sleep(timeout) => {
             timed_out = true;
-            let _ = platform::signal_group(pid, platform::SIGKILL);
+            let _ = tree.signal(platform::SIGKILL);
             child.wait().await
         }
     };
@@ -507,6 +553,7 @@ pub async fn start_job(
     let Started {
         mut child,
         pid,
+        tree,
         stdout,
         stderr,
         permit,
@@ -528,7 +575,7 @@ pub async fn start_job(
     let handle = ctx.exec.next.fetch_add(1, Ordering::Relaxed);
     audit.detail("handle", handle);
     let job = Arc::new(Job {
-        pid,
+        tree,
         state: Mutex::default(),
         room: Notify::new(),
         pumps: Mutex::default(),
@@ -546,7 +593,7 @@ pub async fn start_job(
             s = child.wait() => s,
             _ = tokio::time::sleep_until(deadline) => {
                 timed_out = true;
-                let _ = platform::signal_group(pid, platform::SIGKILL);
+                let _ = job.tree.signal(platform::SIGKILL);
                 child.wait().await
             }
         };
@@ -573,8 +620,8 @@ pub async fn start_job(
             let s = job.state.lock().unwrap();
             !(s.streams[0].eof && s.streams[1].eof)
         };
-        if open && platform::group_alive(pid) {
-            let _ = platform::signal_group(pid, platform::SIGKILL);
+        if open && job.tree.alive() {
+            let _ = job.tree.signal(platform::SIGKILL);
         }
     });
     Ok(ExecStarted { handle, pid })
@@ -721,7 +768,7 @@ pub fn kill(
         s.exit.is_none() || !(s.streams[0].eof && s.streams[1].eof)
     };
     if alive {
-        if let Err(e) = platform::signal_group(job.pid, sig) {
+        if let Err(e) = job.tree.signal(sig) {
             log::debug!("exec_kill {}: {e}", p.handle);
         }
     }
@@ -742,5 +789,300 @@ mod tests {
         // Valid UTF-8 but all NULs: base64 is shorter than \u0000 escapes.
         assert_eq!(output(&[0u8; 30]).encoding, Encoding::Base64);
         assert_eq!(output(b"").encoding, Encoding::Utf8);
+    }
+}
+
+/// The exec handlers on Windows, under Wine in CI: the test executable
+/// itself is the allowlisted command (with a role in the environment).
+#[cfg(all(test, windows))]
+mod windows_tests {
+    use super::*;
+    use crate::audit::{Auditor, Origin};
+    use crate::config::Config;
+    use kvm_agent_protocol::methods::exec::Signal;
+    use std::os::windows::io::{AsRawHandle, FromRawHandle, OwnedHandle, RawHandle};
+    use windows_sys::Win32::Foundation::{HANDLE, WAIT_OBJECT_0};
+    use windows_sys::Win32::System::Threading::{
+        OpenProcess, WaitForSingleObject, PROCESS_QUERY_LIMITED_INFORMATION, PROCESS_SYNCHRONIZE,
+    };
+
+    const ROLE: &str = "KVA_TEST_EXEC_ROLE";
+    const HELPER: &str = "handlers::exec::windows_tests::exec_helper";
+    const WHOAMI: &str = r"C:\Windows\System32\whoami.exe";
+
+    /// Not a test of its own: the body of the test executable when the
+    /// tests below run it through exec (`exit3`: output on both streams,
+    /// `USER` included, exit code 3; `flood`: 100000 bytes; `tree`: start a grandchild,
+    /// print its pid, wait for it; `sleep`: a minute). Without the role it
+    /// does nothing.
+    #[test]
+    fn exec_helper() {
+        use std::io::Write;
+        match std::env::var(ROLE).as_deref() {
+            Ok("exit3") => {
+                let user = std::env::var("USER").unwrap_or_default();
+                print!("to stdout as {user}");
+                eprint!("to stderr");
+                std::process::exit(3);
+            }
+            Ok("flood") => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&[b'x'; 100_000]).unwrap();
+                out.flush().unwrap();
+                std::process::exit(0);
+            }
+            Ok("tree") => {
+                let mut grandchild = std::process::Command::new(std::env::current_exe().unwrap())
+                    .args(["--exact", HELPER, "--nocapture"])
+                    .env(ROLE, "sleep")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap();
+                println!("\ngrandchild={}", grandchild.id());
+                let _ = grandchild.wait();
+            }
+            Ok("sleep") => std::thread::sleep(Duration::from_secs(60)),
+            _ => {}
+        }
+    }
+
+    fn me() -> String {
+        std::env::current_exe()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn context() -> Arc<Context> {
+        let text = format!(
+            "[security]\nenable_exec = true\nexec_env = [\"{ROLE}\"]\n\
+             allowed_commands = ['{}', '{WHOAMI}', 'C:\\Windows\\System32\\no-such-program.exe']\n\
+             [[security.commands]]\npath = 'hostname.exe'\nrun_as = 'Administrator'\n",
+            me()
+        );
+        let config = Config::parse(&text, Path::new("agent.toml")).unwrap();
+        let (_controller, shutdown) = crate::shutdown::channel();
+        Context::with_auditor(config, shutdown, Arc::new(Auditor::new(Vec::new(), false)))
+    }
+
+    fn audit(ctx: &Context) -> PendingAudit {
+        let origin = Origin::new(&crate::transport::Peer::Unix {
+            pid: None,
+            uid: None,
+        });
+        PendingAudit::open(ctx.auditor.clone(), &origin, Some("exec"), None)
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn params(command: &str, role: Option<&str>, extra: serde_json::Value) -> serde_json::Value {
+        let mut p = json!({ "command": command });
+        if let Some(role) = role {
+            p["args"] = json!(["--exact", HELPER, "--nocapture"]);
+            p["env"] = json!({ ROLE: role });
+        }
+        for (k, v) in extra.as_object().unwrap() {
+            p[k] = v.clone();
+        }
+        p
+    }
+
+    async fn run(ctx: &Context, p: serde_json::Value) -> Result<ExecResult, ExecError> {
+        exec(ctx, serde_json::from_value(p).unwrap(), &mut audit(ctx)).await
+    }
+
+    fn code(e: &ExecError) -> i64 {
+        ErrorObject::from(e).code
+    }
+
+    /// Whether process `pid` is gone (or ends within 10 s).
+    fn gone(pid: u32) -> bool {
+        // SAFETY: OpenProcess takes plain values.
+        let h = unsafe {
+            OpenProcess(
+                PROCESS_SYNCHRONIZE | PROCESS_QUERY_LIMITED_INFORMATION,
+                0,
+                pid,
+            )
+        };
+        if h.is_null() {
+            return true;
+        }
+        // SAFETY: a new handle owned by nobody else.
+        let h = unsafe { OwnedHandle::from_raw_handle(h as RawHandle) };
+        // SAFETY: the handle is open with SYNCHRONIZE.
+        unsafe { WaitForSingleObject(h.as_raw_handle() as HANDLE, 10_000) == WAIT_OBJECT_0 }
+    }
+
+    fn grandchild(stdout: &str) -> u32 {
+        stdout
+            .split_once("grandchild=")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or_else(|| panic!("no grandchild pid in {stdout:?}"))
+    }
+
+    #[test]
+    fn a_command_runs_with_its_output_and_exit_code() {
+        let ctx = context();
+        runtime().block_on(async {
+            let r = run(&ctx, params(&me(), Some("exit3"), json!({})))
+                .await
+                .unwrap();
+            assert_eq!((r.exit_code, r.signal, r.timed_out), (Some(3), None, false));
+            let me = platform::lookup_uid(platform::current_uid()).unwrap();
+            let line = format!("to stdout as {}", me.name);
+            assert!(r.stdout.data.contains(&line), "{:?}", r.stdout);
+            assert!(r.stderr.data.contains("to stderr"), "{:?}", r.stderr);
+            // A system program, named in another case than the allowlist's.
+            let r = run(
+                &ctx,
+                params(r"c:\windows\system32\WHOAMI.EXE", None, json!({})),
+            )
+            .await
+            .unwrap();
+            assert_eq!(r.exit_code, Some(0), "{r:?}");
+            assert!(!r.stdout.data.trim().is_empty(), "{r:?}");
+        });
+    }
+
+    #[test]
+    fn a_timeout_kills_the_whole_tree() {
+        let ctx = context();
+        runtime().block_on(async {
+            let started = Instant::now();
+            let r = run(
+                &ctx,
+                params(&me(), Some("tree"), json!({"timeout_ms": 2000})),
+            )
+            .await
+            .unwrap();
+            assert!(r.timed_out, "{r:?}");
+            assert_eq!(r.exit_code, Some(platform::KILLED_EXIT_CODE as i32));
+            assert!(started.elapsed() < Duration::from_secs(20));
+            assert!(gone(grandchild(&r.stdout.data)), "the grandchild survived");
+        });
+    }
+
+    #[test]
+    fn exec_kill_ends_the_whole_tree() {
+        let ctx = context();
+        runtime().block_on(async {
+            let p = serde_json::from_value(params(&me(), Some("tree"), json!({}))).unwrap();
+            let started = start_job(&ctx, p, &mut audit(&ctx)).await.unwrap();
+            let status = |ctx: &Context| {
+                status(
+                    ctx,
+                    ExecStatusParams {
+                        handle: started.handle,
+                        stdout_offset: 0,
+                        stderr_offset: 0,
+                        max_bytes: None,
+                    },
+                    &mut audit(ctx),
+                )
+                .unwrap()
+            };
+            let t = Instant::now();
+            let out = loop {
+                let s = status(&ctx);
+                if s.stdout.data.contains("grandchild=") && s.stdout.data.ends_with('\n') {
+                    break s.stdout.data;
+                }
+                assert!(t.elapsed() < Duration::from_secs(30), "no output: {s:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let pid = grandchild(&out);
+            let term = kill(
+                &ctx,
+                ExecKillParams {
+                    handle: started.handle,
+                    signal: Signal::Term,
+                },
+                &mut audit(&ctx),
+            )
+            .unwrap_err();
+            assert_eq!(code(&term), -32006);
+            assert!(!status(&ctx).exited);
+            kill(
+                &ctx,
+                ExecKillParams {
+                    handle: started.handle,
+                    signal: Signal::Kill,
+                },
+                &mut audit(&ctx),
+            )
+            .unwrap();
+            let t = Instant::now();
+            let s = loop {
+                let s = status(&ctx);
+                if s.exited {
+                    break s;
+                }
+                assert!(t.elapsed() < Duration::from_secs(10), "still running");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            assert_eq!(s.exit_code, Some(platform::KILLED_EXIT_CODE as i32));
+            assert!(!s.timed_out);
+            assert!(gone(pid), "the grandchild survived");
+        });
+    }
+
+    #[test]
+    fn output_is_cut_at_the_limit() {
+        let ctx = context();
+        runtime().block_on(async {
+            let r = run(
+                &ctx,
+                params(&me(), Some("flood"), json!({"max_output_bytes": 1000})),
+            )
+            .await
+            .unwrap();
+            assert_eq!(r.exit_code, Some(0));
+            assert_eq!(r.stdout.data.len(), 1000);
+            assert!(r.stdout_truncated && !r.stderr_truncated);
+        });
+    }
+
+    #[test]
+    fn refusals() {
+        let ctx = context();
+        runtime().block_on(async {
+            // Allowed, but not on this system.
+            let missing = r"C:\Windows\System32\no-such-program.exe";
+            let e = run(&ctx, params(missing, None, json!({})))
+                .await
+                .unwrap_err();
+            assert_eq!(code(&e), i64::from(ErrorCode::NotFound.code()), "{e}");
+            assert!(ErrorObject::from(&e).data.unwrap()["reason"]
+                .as_str()
+                .unwrap()
+                .contains("not found"));
+            // Not allowed; without the extension; a batch file.
+            for name in [
+                r"C:\Windows\System32\ipconfig.exe",
+                r"C:\Windows\System32\whoami",
+                r"C:\Windows\System32\x.bat",
+            ] {
+                let e = run(&ctx, params(name, None, json!({}))).await.unwrap_err();
+                assert_eq!(code(&e), -32000, "{name}: {e}");
+            }
+            // run_as is not supported on Windows.
+            let e = run(&ctx, params("hostname.exe", None, json!({})))
+                .await
+                .unwrap_err();
+            assert_eq!(code(&e), -32006, "{e}");
+            // Nothing refused holds a process slot.
+            assert_eq!(
+                ctx.exec.running.available_permits(),
+                ctx.config.limits.max_processes as usize
+            );
+        });
     }
 }

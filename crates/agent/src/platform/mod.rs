@@ -19,6 +19,8 @@
 //! | `disk_counters()`, `net_counters()` | cumulative I/O counters |
 //! | `mounts()`, `fs_stats(path)` | mounted filesystems and their sizes (`fs_stats` may block) |
 //! | `logged_in_users()` | login sessions |
+//! | `isolate(cmd)`, `ProcessTree::adopt(child)` | exec's commands: a process group (Linux) or a job object (Windows), ended as a whole |
+//! | `power_graceful()`, `power_forced()` | shutdown and restart |
 
 use std::fmt;
 

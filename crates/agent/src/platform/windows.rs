@@ -4,12 +4,14 @@
 //! - `system`: boot id, OS version, names, uptime, time zone;
 //! - `net`: adapters and their counters (GetAdaptersAddresses, GetIfEntry2);
 //! - `perf`: CPU times, memory, processes, disks, volumes;
-//! - `sessions`: logged-in users (WTS).
-//!
-//! Exec and power are not done yet: they answer "unsupported".
+//! - `sessions`: logged-in users (WTS);
+//! - `process`: exec's commands, each in a job object of its own;
+//! - `power`: shutdown and restart (InitiateShutdownW).
 
 mod net;
 mod perf;
+mod power;
+mod process;
 mod sessions;
 mod system;
 mod wide;
@@ -20,6 +22,13 @@ use super::PlatformError;
 
 pub use net::{interfaces, net_counters};
 pub use perf::{cpu_times, disk_counters, fs_stats, load_average, memory, mounts, process_count};
+pub use power::{
+    forced as power_forced, graceful as power_graceful, graceful_command as power_graceful_command,
+};
+pub use process::{
+    current_uid, exit_parts, isolate, lookup_uid, lookup_user, signal_number, ProcessTree, UserIds,
+    KILLED_EXIT_CODE, SIGKILL,
+};
 pub use sessions::logged_in_users;
 pub use system::{boot_id, fqdn, hostname, os_info, timezone, uptime_seconds};
 
@@ -51,80 +60,4 @@ fn nt_error(call: &str, status: i32) -> PlatformError {
         call,
         std::io::Error::other(format!("NTSTATUS {:#010x}", status as u32)),
     )
-}
-
-/// A user to run a command as (not supported on Windows yet).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UserIds {
-    /// Login name.
-    pub name: String,
-    /// Home directory.
-    pub home: String,
-}
-
-/// Users cannot be switched on Windows yet.
-pub fn lookup_user(_name: &str) -> Result<Option<UserIds>, PlatformError> {
-    unsupported("run_as")
-}
-
-/// The agent's own user.
-pub fn lookup_uid(_uid: u32) -> Option<UserIds> {
-    None
-}
-
-/// The agent's user id (none on Windows).
-pub fn current_uid() -> u32 {
-    0
-}
-
-/// Process isolation (a job object) comes with the Windows exec support.
-pub fn isolate(_cmd: &mut std::process::Command, _user: Option<&UserIds>) {}
-
-/// Signalling process groups is not supported yet.
-pub fn signal_group(_pgid: u32, _signal: i32) -> std::io::Result<()> {
-    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
-}
-
-/// Whether a process group still has members.
-pub fn group_alive(_pgid: u32) -> bool {
-    false
-}
-
-/// Terminate, for timeouts.
-pub const SIGKILL: i32 = 9;
-
-/// Only termination is possible on Windows.
-pub fn signal_number(s: kvm_agent_protocol::methods::exec::Signal) -> Result<i32, PlatformError> {
-    match s {
-        kvm_agent_protocol::methods::exec::Signal::Kill => Ok(SIGKILL),
-        _ => unsupported("signals other than SIGKILL"),
-    }
-}
-
-/// Exit code (Windows has no terminating signals).
-pub fn exit_parts(status: std::process::ExitStatus) -> (Option<i32>, Option<i32>) {
-    (status.code(), None)
-}
-
-/// The graceful power command (not supported yet).
-pub fn power_graceful_command(
-    _action: kvm_agent_protocol::methods::power::PowerAction,
-    _message: Option<&str>,
-) -> Option<Vec<String>> {
-    None
-}
-
-/// Graceful power off or restart (not supported yet).
-pub fn power_graceful(
-    _action: kvm_agent_protocol::methods::power::PowerAction,
-    _message: Option<&str>,
-) -> Result<(), PlatformError> {
-    unsupported("shutdown and reboot")
-}
-
-/// Forced power off or restart (not supported yet).
-pub fn power_forced(
-    _action: kvm_agent_protocol::methods::power::PowerAction,
-) -> Result<(), PlatformError> {
-    unsupported("shutdown and reboot")
 }

@@ -31,8 +31,14 @@
 //!
 //! The path that is checked is the path that is run, and it is resolved
 //! again when the process starts, so what runs has passed this check.
+//!
+//! On Windows, names, the comparison (case-insensitive) and the trust check
+//! (owners and DACLs instead of uid and mode) follow Windows rules: see
+//! the `windows` submodule.
 
-use std::path::{Path, PathBuf};
+#[cfg(not(windows))]
+use std::path::Path;
+use std::path::PathBuf;
 
 use crate::config::{glob_match, CommandRule, SecuritySection};
 
@@ -203,7 +209,13 @@ pub fn args_match(patterns: &[String], args: &[String]) -> bool {
     fixed.iter().zip(args).all(|(p, a)| glob_match(p, a))
 }
 
+#[cfg(windows)]
+pub mod windows;
+#[cfg(windows)]
+pub use windows::{check_trusted, locate};
+
 /// The path a command name stands for: canonical directory plus the name.
+#[cfg(not(windows))]
 pub fn locate(command: &str) -> Result<PathBuf, Refusal> {
     if command.is_empty() || command.contains('\0') {
         return Err(Refusal::BadName("not a command name".into()));
@@ -284,16 +296,6 @@ pub fn check_trusted(path: &Path) -> Result<(), Refusal> {
         )));
     }
     Ok(())
-}
-
-/// Ownership and ACL checks of executables are not written for Windows yet:
-/// every command is refused (fail closed) until they are.
-#[cfg(not(unix))]
-pub fn check_trusted(path: &Path) -> Result<(), Refusal> {
-    Err(Refusal::Untrusted(format!(
-        "{}: executable trust checks are not implemented on this platform yet",
-        path.display()
-    )))
 }
 
 #[cfg(test)]

@@ -25,8 +25,8 @@ pub use power::{
     forced as power_forced, graceful as power_graceful, graceful_command as power_graceful_command,
 };
 pub use process::{
-    current_uid, exit_parts, group_alive, isolate, lookup_uid, lookup_user, signal_group,
-    signal_number, UserIds, SIGKILL,
+    current_uid, exit_parts, isolate, lookup_uid, lookup_user, signal_number, ProcessTree, UserIds,
+    SIGKILL,
 };
 #[cfg(test)]
 pub use utmp::record as utmp_record;

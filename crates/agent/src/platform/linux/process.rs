@@ -104,8 +104,43 @@ pub fn isolate(cmd: &mut std::process::Command, user: Option<&UserIds>) {
     }
 }
 
+/// A started command and everything it starts: its process group (the
+/// command's pid, as [`isolate`] made it a session leader).
+#[derive(Debug)]
+pub struct ProcessTree {
+    pgid: u32,
+}
+
+impl ProcessTree {
+    /// The group of `child`, started by a command prepared with [`isolate`].
+    pub fn adopt(child: &tokio::process::Child) -> Result<Self, PlatformError> {
+        let pgid = child.id().ok_or_else(|| {
+            PlatformError::io(
+                "the child process",
+                io::Error::other("the child has already been waited for"),
+            )
+        })?;
+        Ok(Self { pgid })
+    }
+
+    /// The command's own process id.
+    pub fn id(&self) -> u32 {
+        self.pgid
+    }
+
+    /// Send `signal` to every process of the group.
+    pub fn signal(&self, signal: i32) -> io::Result<()> {
+        signal_group(self.pgid, signal)
+    }
+
+    /// Whether the group still has members.
+    pub fn alive(&self) -> bool {
+        group_alive(self.pgid)
+    }
+}
+
 /// Send `signal` to every process of the group `pgid`.
-pub fn signal_group(pgid: u32, signal: i32) -> io::Result<()> {
+fn signal_group(pgid: u32, signal: i32) -> io::Result<()> {
     // SAFETY: kill(2) with a negative pid signals a process group.
     if unsafe { libc::kill(-(pgid as i32), signal) } < 0 {
         return Err(io::Error::last_os_error());
@@ -132,7 +167,7 @@ pub fn exit_parts(status: ExitStatus) -> (Option<i32>, Option<i32>) {
 }
 
 /// Whether a process group still has members.
-pub fn group_alive(pgid: u32) -> bool {
+fn group_alive(pgid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     unsafe { libc::kill(-(pgid as i32), 0) == 0 }
 }
