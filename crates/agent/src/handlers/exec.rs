@@ -807,16 +807,22 @@ mod windows_tests {
     };
 
     const ROLE: &str = "KVA_TEST_EXEC_ROLE";
-    const HELPER: &str = "handlers::exec::windows_tests::exec_helper";
     const WHOAMI: &str = r"C:\Windows\System32\whoami.exe";
 
-    /// Not a test of its own: the body of the test executable when the
-    /// tests below run it through exec (`exit3`: output on both streams,
-    /// `USER` included, exit code 3; `flood`: 100000 bytes; `tree`: start a grandchild,
-    /// print its pid, wait for it; `sleep`: a minute). Without the role it
-    /// does nothing.
-    #[test]
-    fn exec_helper() {
+    /// The libtest name of test `name` of this module.
+    fn test_path(name: &str) -> String {
+        let module = module_path!();
+        let module = module.split_once("::").map_or(module, |(_, m)| m);
+        format!("{module}::{name}")
+    }
+
+    /// The tests below run this test executable through exec, filtered to
+    /// the test itself, with a role in the environment (`exit3`: output on
+    /// both streams, `USER` included, exit code 3; `flood`: 100000 bytes;
+    /// `tree`: start a grandchild, print its pid, wait for it; `sleep`: a
+    /// minute). In such a process, play the part and return true: the test's
+    /// own body runs only in the process the harness started.
+    fn play_role(test: &str) -> bool {
         use std::io::Write;
         match std::env::var(ROLE).as_deref() {
             Ok("exit3") => {
@@ -833,7 +839,7 @@ mod windows_tests {
             }
             Ok("tree") => {
                 let mut grandchild = std::process::Command::new(std::env::current_exe().unwrap())
-                    .args(["--exact", HELPER, "--nocapture"])
+                    .args(["--exact", &test_path(test), "--nocapture"])
                     .env(ROLE, "sleep")
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())
@@ -841,9 +847,13 @@ mod windows_tests {
                     .unwrap();
                 println!("\ngrandchild={}", grandchild.id());
                 let _ = grandchild.wait();
+                true
             }
-            Ok("sleep") => std::thread::sleep(Duration::from_secs(60)),
-            _ => {}
+            Ok("sleep") => {
+                std::thread::sleep(Duration::from_secs(60));
+                true
+            }
+            _ => false,
         }
     }
 
@@ -881,10 +891,16 @@ mod windows_tests {
             .unwrap()
     }
 
-    fn params(command: &str, role: Option<&str>, extra: serde_json::Value) -> serde_json::Value {
+    /// Exec parameters; `role`: (test, part) to run this test executable
+    /// as that test in that part.
+    fn params(
+        command: &str,
+        role: Option<(&str, &str)>,
+        extra: serde_json::Value,
+    ) -> serde_json::Value {
         let mut p = json!({ "command": command });
-        if let Some(role) = role {
-            p["args"] = json!(["--exact", HELPER, "--nocapture"]);
+        if let Some((test, role)) = role {
+            p["args"] = json!(["--exact", test_path(test), "--nocapture"]);
             p["env"] = json!({ ROLE: role });
         }
         for (k, v) in extra.as_object().unwrap() {
@@ -930,9 +946,13 @@ mod windows_tests {
 
     #[test]
     fn a_command_runs_with_its_output_and_exit_code() {
+        const NAME: &str = "a_command_runs_with_its_output_and_exit_code";
+        if play_role(NAME) {
+            return;
+        }
         let ctx = context();
         runtime().block_on(async {
-            let r = run(&ctx, params(&me(), Some("exit3"), json!({})))
+            let r = run(&ctx, params(&me(), Some((NAME, "exit3")), json!({})))
                 .await
                 .unwrap();
             assert_eq!((r.exit_code, r.signal, r.timed_out), (Some(3), None, false));
@@ -954,12 +974,16 @@ mod windows_tests {
 
     #[test]
     fn a_timeout_kills_the_whole_tree() {
+        const NAME: &str = "a_timeout_kills_the_whole_tree";
+        if play_role(NAME) {
+            return;
+        }
         let ctx = context();
         runtime().block_on(async {
             let started = Instant::now();
             let r = run(
                 &ctx,
-                params(&me(), Some("tree"), json!({"timeout_ms": 2000})),
+                params(&me(), Some((NAME, "tree")), json!({"timeout_ms": 2000})),
             )
             .await
             .unwrap();
@@ -972,9 +996,13 @@ mod windows_tests {
 
     #[test]
     fn exec_kill_ends_the_whole_tree() {
+        const NAME: &str = "exec_kill_ends_the_whole_tree";
+        if play_role(NAME) {
+            return;
+        }
         let ctx = context();
         runtime().block_on(async {
-            let p = serde_json::from_value(params(&me(), Some("tree"), json!({}))).unwrap();
+            let p = serde_json::from_value(params(&me(), Some((NAME, "tree")), json!({}))).unwrap();
             let started = start_job(&ctx, p, &mut audit(&ctx)).await.unwrap();
             let status = |ctx: &Context| {
                 status(
@@ -1036,11 +1064,19 @@ mod windows_tests {
 
     #[test]
     fn output_is_cut_at_the_limit() {
+        const NAME: &str = "output_is_cut_at_the_limit";
+        if play_role(NAME) {
+            return;
+        }
         let ctx = context();
         runtime().block_on(async {
             let r = run(
                 &ctx,
-                params(&me(), Some("flood"), json!({"max_output_bytes": 1000})),
+                params(
+                    &me(),
+                    Some((NAME, "flood")),
+                    json!({"max_output_bytes": 1000}),
+                ),
             )
             .await
             .unwrap();

@@ -257,21 +257,32 @@ mod tests {
         OpenProcess, WaitForSingleObject, PROCESS_QUERY_LIMITED_INFORMATION, PROCESS_SYNCHRONIZE,
     };
 
-    /// What the tree tests ask this test executable to be, when they run it.
+    /// What a tree test asks this test executable to be when it runs it.
     const ROLE: &str = "KVA_TEST_TREE_ROLE";
-    const HELPER: &str = "platform::windows::process::tests::tree_helper";
 
-    /// Not a test of its own: the body of the test executable when the tree
-    /// tests run it as a command (`parent`: start a `sleeper` grandchild,
-    /// print its pid, wait for it; `sleeper`: sleep a minute). Without the role it does
-    /// nothing.
-    #[test]
-    fn tree_helper() {
+    /// The libtest name of test `name` of this module.
+    fn test_path(name: &str) -> String {
+        let module = module_path!();
+        let module = module.split_once("::").map_or(module, |(_, m)| m);
+        format!("{module}::{name}")
+    }
+
+    /// The tree tests run this test executable, filtered to the test itself,
+    /// as the processes of a tree (`parent`: start a `sleeper` grandchild,
+    /// print its pid, wait for it; `sleeper`: sleep a minute). In such a
+    /// process, play the part and return true: the test's own body runs only
+    /// in the process the harness started.
+    fn play_role(test: &str) -> bool {
         match std::env::var(ROLE).as_deref() {
             Ok("parent") => {
                 let exe = std::env::current_exe().unwrap();
                 let mut grandchild = std::process::Command::new(exe)
-                    .args(["--exact", HELPER, "--nocapture", "--test-threads=1"])
+                    .args([
+                        "--exact",
+                        &test_path(test),
+                        "--nocapture",
+                        "--test-threads=1",
+                    ])
                     .env(ROLE, "sleeper")
                     .stdout(std::process::Stdio::null())
                     .spawn()
@@ -279,9 +290,13 @@ mod tests {
                 println!("grandchild={}", grandchild.id());
                 // Sleeps as long as the grandchild does.
                 let _ = grandchild.wait();
+                true
             }
-            Ok("sleeper") => std::thread::sleep(Duration::from_secs(60)),
-            _ => {}
+            Ok("sleeper") => {
+                std::thread::sleep(Duration::from_secs(60));
+                true
+            }
+            _ => false,
         }
     }
 
@@ -292,13 +307,18 @@ mod tests {
             .unwrap()
     }
 
-    /// The helper as a `parent` command, started like exec starts one.
-    fn start_parent() -> (tokio::process::Child, ProcessTree) {
+    /// Test `test` as a `parent` command, started like exec starts one.
+    fn start_parent(test: &str) -> (tokio::process::Child, ProcessTree) {
         let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-        cmd.args(["--exact", HELPER, "--nocapture", "--test-threads=1"])
-            .env(ROLE, "parent")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped());
+        cmd.args([
+            "--exact",
+            &test_path(test),
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ROLE, "parent")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped());
         isolate(&mut cmd, None);
         let child = tokio::process::Command::from(cmd).spawn().unwrap();
         let tree = ProcessTree::adopt(&child).unwrap();
@@ -359,8 +379,12 @@ mod tests {
 
     #[test]
     fn killing_the_tree_ends_the_grandchild_too() {
+        const NAME: &str = "killing_the_tree_ends_the_grandchild_too";
+        if play_role(NAME) {
+            return;
+        }
         runtime().block_on(async {
-            let (mut child, tree) = start_parent();
+            let (mut child, tree) = start_parent(NAME);
             let pid = grandchild_pid(&mut child).await;
             let grandchild = open_process(pid);
             assert_eq!(tree.id(), child.id().unwrap());
@@ -385,8 +409,12 @@ mod tests {
 
     #[test]
     fn a_killed_command_exits_with_the_documented_code() {
+        const NAME: &str = "a_killed_command_exits_with_the_documented_code";
+        if play_role(NAME) {
+            return;
+        }
         runtime().block_on(async {
-            let (mut child, tree) = start_parent();
+            let (mut child, tree) = start_parent(NAME);
             let pid = grandchild_pid(&mut child).await;
             let grandchild = open_process(pid);
             assert!(tree.signal(2).is_err(), "only kill is possible");
@@ -400,8 +428,12 @@ mod tests {
 
     #[test]
     fn closing_the_job_ends_its_processes() {
+        const NAME: &str = "closing_the_job_ends_its_processes";
+        if play_role(NAME) {
+            return;
+        }
         runtime().block_on(async {
-            let (mut child, tree) = start_parent();
+            let (mut child, tree) = start_parent(NAME);
             let pid = grandchild_pid(&mut child).await;
             let grandchild = open_process(pid);
             let parent = open_process(tree.id());
