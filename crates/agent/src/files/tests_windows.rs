@@ -777,3 +777,147 @@ fn stale_temporaries_are_removed_but_live_ones_kept() {
         ]
     );
 }
+
+/// The six methods end to end through the dispatcher (policy, handlers,
+/// the table): round trips with sha256, chunked upload, refusals with their
+/// wire reasons, overwrite refusal, `uid` refused.
+#[test]
+fn the_methods_work_through_the_dispatcher() {
+    use serde_json::{json, Value};
+
+    use crate::audit::{Auditor, Origin, PendingAudit};
+    use crate::context::Context;
+    use crate::dispatch::{execute, prepare};
+
+    let t = Tree::new("methods");
+    let (_ctl, shutdown) = crate::shutdown::channel();
+    let config = crate::config::Config::parse(
+        &format!(
+            "[security]\nallowed_file_paths = ['{}']\n",
+            t.root.display()
+        ),
+        "t.toml".as_ref(),
+    )
+    .unwrap();
+    let ctx = Context::with_auditor(config, shutdown, Arc::new(Auditor::new(vec![], true)));
+    let call = |method: &str, params: Value| -> Result<Value, Value> {
+        let raw = serde_json::value::to_raw_value(&params).unwrap();
+        let run = async {
+            let call = prepare(&ctx, method, Some(&raw))?;
+            let origin = Origin::new(&crate::transport::Peer::Unix {
+                pid: None,
+                uid: None,
+            });
+            let mut audit = PendingAudit::open(ctx.auditor.clone(), &origin, Some(method), None);
+            execute(&ctx, call, &mut audit).await
+        };
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(run)
+            .map(|r| serde_json::from_str(r.result.get()).unwrap())
+            .map_err(|e| serde_json::to_value(kvm_agent_protocol::ErrorObject::from(&e)).unwrap())
+    };
+    let b64 = |d: &[u8]| {
+        let mut s = String::new();
+        codec::base64_encode_into(d, &mut s);
+        s
+    };
+    let path = t.r(r"up\a.txt");
+
+    // copy_to_guest, then copy_from_guest through another spelling.
+    let r = call(
+        "copy_to_guest",
+        json!({"path": path, "content_base64": b64(b"hello windows"), "create_parents": true,
+               "sha256": codec::sha256_hex(b"hello windows")}),
+    )
+    .unwrap();
+    assert_eq!(r["size"], 13);
+    assert_eq!(r["path"], path);
+    let back = call(
+        "copy_from_guest",
+        json!({"path": path.to_uppercase().replace('\\', "/")}),
+    )
+    .unwrap();
+    assert_eq!(back["content_base64"], b64(b"hello windows"));
+    assert_eq!(back["sha256"], codec::sha256_hex(b"hello windows"));
+
+    // Without overwrite the existing file stays: -32002.
+    let e = call(
+        "copy_to_guest",
+        json!({"path": path, "content_base64": b64(b"other")}),
+    )
+    .unwrap_err();
+    assert_eq!(e["code"], -32002);
+    assert_eq!(
+        std::fs::read_to_string(t.root.join("up").join("a.txt")).unwrap(),
+        "hello windows"
+    );
+
+    // Handles: a chunked upload with sha256 at close, read back in chunks.
+    let data: Vec<u8> = (0..3000u32).map(|i| (i % 253) as u8).collect();
+    let big = t.r(r"up\big.bin");
+    let h = call("file_open", json!({"path": big, "access": "write"})).unwrap()["handle"].clone();
+    for (i, c) in data.chunks(1000).enumerate().rev() {
+        let w = call(
+            "file_write",
+            json!({"handle": h, "offset": i * 1000, "data_base64": b64(c)}),
+        )
+        .unwrap();
+        assert_eq!(w["written"], 1000);
+    }
+    let closed = call(
+        "file_close",
+        json!({"handle": h, "size": 3000, "sha256": codec::sha256_hex(&data)}),
+    )
+    .unwrap();
+    assert_eq!(closed["committed"], true);
+    let h = call("file_open", json!({"path": big, "access": "read"})).unwrap();
+    assert_eq!(h["size"], 3000);
+    let h = h["handle"].clone();
+    let mut got = Vec::new();
+    loop {
+        let r = call(
+            "file_read",
+            json!({"handle": h, "offset": got.len(), "length": 1024}),
+        )
+        .unwrap();
+        let mut chunk = Vec::new();
+        codec::base64_decode_into(r["data_base64"].as_str().unwrap().as_bytes(), &mut chunk)
+            .unwrap();
+        got.extend_from_slice(&chunk);
+        if r["eof"] == true {
+            break;
+        }
+    }
+    assert_eq!(got, data);
+    let closed = call("file_close", json!({"handle": h})).unwrap();
+    assert_eq!(closed["sha256"], codec::sha256_hex(&data));
+
+    // Refusals carry their reason.
+    for (p, reason) in [
+        (t.r(r"up\a.txt:evil"), "stream"),
+        (t.r("NUL.txt"), "device_name"),
+        (t.r("x."), "trailing_dot_or_space"),
+        (t.r(r"..\outside\secret"), "dotdot"),
+        (format!(r"\\?\{}", t.r("file")), "device_path"),
+        (t.r("sub"), "directory"),
+    ] {
+        let e = call("copy_from_guest", json!({ "path": p })).unwrap_err();
+        assert_eq!(e["code"], -32000, "{p}");
+        assert_eq!(e["data"]["reason"], reason, "{p}");
+    }
+    // An owner cannot be set on Windows; nothing is written.
+    let e = call(
+        "copy_to_guest",
+        json!({"path": t.r("owned"), "content_base64": b64(b"x"), "uid": 0}),
+    )
+    .unwrap_err();
+    assert_eq!(e["code"], -32602);
+    assert_eq!(e["data"]["kind"], "owner");
+    assert!(!t.root.join("owned").exists());
+    assert_eq!(entries(&t.root), ["file", "sub", "up"]);
+    assert_eq!(entries(&t.root.join("up")), ["a.txt", "big.bin"]);
+}
