@@ -15,7 +15,7 @@
 //!
 //! On Windows, [`resolve`] and [`upload`] are their Windows versions
 //! (`resolve_windows.rs`, `upload_windows.rs`) with the same names: handle
-//! based checks instead of file descriptors, `MoveFileExW` instead of
+//! based checks instead of file descriptors, a rename by handle instead of
 //! `renameat2` (see each module).
 
 pub mod path;

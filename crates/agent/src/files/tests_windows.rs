@@ -674,6 +674,11 @@ fn a_dropped_upload_leaves_the_target_untouched() {
     let temp = Temp::create(Arc::new(target.dir)).unwrap();
     write_all_at(&temp.file, b"half of the new cont", 0).unwrap();
     assert_eq!(entries(&t.root).len(), 3);
+    // Nobody else can write, rename or delete the open temporary file.
+    let tp = t.root.join(temp.name());
+    assert!(std::fs::OpenOptions::new().write(true).open(&tp).is_err());
+    assert!(std::fs::rename(&tp, t.root.join("stolen")).is_err());
+    assert!(std::fs::remove_file(&tp).is_err());
     drop(temp);
     assert_eq!(
         std::fs::read_to_string(t.root.join("file")).unwrap(),

@@ -4,13 +4,14 @@
 //! - The temporary file is `.kva-upload.<16 hex digits>.tmp`, created with
 //!   `CREATE_NEW` and `FILE_FLAG_OPEN_REPARSE_POINT` by its `\\?\` path in
 //!   the resolved directory, which the [`Dir`] holds open against rename
-//!   and delete. Its handle shares reading and deleting only: while the
-//!   agent has it open nobody else can write it, and an exclusive open
-//!   (the start-up clean-up's) fails; that is its lock.
-//! - Commit: `FlushFileBuffers` (`File::sync_all`), then `MoveFileExW` with
-//!   `MOVEFILE_WRITE_THROUGH`, and `MOVEFILE_REPLACE_EXISTING` only with
-//!   `overwrite`: without it a file created at the target meanwhile is
-//!   never replaced (the commit fails with -32002). `mode` has no meaning
+//!   and delete. Its handle shares reading only: while the agent has it
+//!   open nobody else can write, rename or delete it, and an exclusive
+//!   open (the start-up clean-up's) fails; that is its lock.
+//! - Commit: `FlushFileBuffers` (`File::sync_all`), then a rename of that
+//!   handle to the target's name relative to the directory's handle
+//!   (`NtSetInformationFile(FileRenameInformation)`, `ReplaceIfExists`
+//!   only with `overwrite`): without it a file created at the target
+//!   meanwhile is never replaced (the commit fails with -32002). `mode` has no meaning
 //!   on Windows and is not applied (the file inherits its directory's
 //!   ACL); an owner is refused before an upload starts.
 //! - A temporary file dropped without a commit is deleted through its own
@@ -31,15 +32,20 @@ use std::os::windows::io::{AsRawHandle, OwnedHandle};
 use std::path::Path;
 use std::sync::Arc;
 
+use windows_sys::Wdk::Storage::FileSystem::{
+    FileRenameInformation, NtSetInformationFile, FILE_RENAME_INFORMATION,
+};
 use windows_sys::Win32::Foundation::{
-    ERROR_ALREADY_EXISTS, ERROR_FILE_EXISTS, GENERIC_READ, GENERIC_WRITE, HANDLE,
+    RtlNtStatusToDosError, ERROR_ALREADY_EXISTS, ERROR_FILE_EXISTS, GENERIC_READ, GENERIC_WRITE,
+    HANDLE,
 };
 use windows_sys::Win32::Storage::FileSystem::{
-    FileDispositionInfo, MoveFileExW, SetFileInformationByHandle, CREATE_NEW, DELETE,
-    FILE_ATTRIBUTE_DIRECTORY, FILE_ATTRIBUTE_NORMAL, FILE_ATTRIBUTE_REPARSE_POINT,
-    FILE_DISPOSITION_INFO, FILE_FLAG_OPEN_REPARSE_POINT, FILE_READ_ATTRIBUTES, FILE_SHARE_DELETE,
-    FILE_SHARE_READ, FILE_SHARE_WRITE, MOVEFILE_REPLACE_EXISTING, MOVEFILE_WRITE_THROUGH,
+    FileDispositionInfo, SetFileInformationByHandle, CREATE_NEW, DELETE, FILE_ATTRIBUTE_DIRECTORY,
+    FILE_ATTRIBUTE_NORMAL, FILE_ATTRIBUTE_REPARSE_POINT, FILE_DISPOSITION_INFO,
+    FILE_FLAG_OPEN_REPARSE_POINT, FILE_READ_ATTRIBUTES, FILE_SHARE_DELETE, FILE_SHARE_READ,
+    FILE_SHARE_WRITE,
 };
+use windows_sys::Win32::System::IO::IO_STATUS_BLOCK;
 
 use super::path::eq_ignore_case;
 use super::resolve::{
@@ -104,7 +110,7 @@ impl Temp {
             match create(
                 &dir.child(&name),
                 GENERIC_READ | GENERIC_WRITE | DELETE,
-                FILE_SHARE_READ | FILE_SHARE_DELETE,
+                FILE_SHARE_READ,
                 CREATE_NEW,
                 FILE_ATTRIBUTE_NORMAL | FILE_FLAG_OPEN_REPARSE_POINT,
             ) {
@@ -142,15 +148,8 @@ impl Temp {
             return Err(CommitError::Io(io::Error::from(io::ErrorKind::Unsupported)));
         }
         self.file.sync_all().map_err(CommitError::Io)?;
-        let from = self.dir.child(&self.name);
-        let to = self.dir.child(target);
-        let mut flags = MOVEFILE_WRITE_THROUGH;
-        if overwrite {
-            flags |= MOVEFILE_REPLACE_EXISTING;
-        }
-        // SAFETY: NUL-terminated paths.
-        if unsafe { MoveFileExW(from.as_ptr(), to.as_ptr(), flags) } == 0 {
-            let e = io::Error::last_os_error();
+        let h = self.file.as_raw_handle() as HANDLE;
+        if let Err(e) = rename_by_handle(h, self.dir.handle(), target, overwrite) {
             return Err(if is_exists(&e) {
                 CommitError::Exists
             } else {
@@ -170,6 +169,53 @@ impl Drop for Temp {
             }
         }
     }
+}
+
+/// Rename the file open as `h` (with `DELETE` access) to `name` in the
+/// directory open as `dir`, replacing an existing file only when
+/// `replace`: `NtSetInformationFile(FileRenameInformation)` with the
+/// directory's handle as the root and the bare name, so neither the
+/// temporary file nor the directory is named by path. (The Win32
+/// `SetFileInformationByHandle` would do the same on Windows, but Wine
+/// takes its name for a DOS path.)
+fn rename_by_handle(h: HANDLE, dir: HANDLE, name: &str, replace: bool) -> io::Result<()> {
+    let wname: Vec<u16> = name.encode_utf16().collect();
+    let head = std::mem::offset_of!(FILE_RENAME_INFORMATION, FileName);
+    let bytes = head + (wname.len() + 1) * 2;
+    // u64s: aligned for FILE_RENAME_INFORMATION; zeroed, so the name ends
+    // in NUL.
+    let mut buf = vec![0u64; bytes.div_ceil(8)];
+    let info = buf.as_mut_ptr().cast::<FILE_RENAME_INFORMATION>();
+    // SAFETY: `buf` is zeroed, aligned and `bytes` long: room for the
+    // structure's head and the name after it.
+    unsafe {
+        (*info).Anonymous.ReplaceIfExists = replace;
+        (*info).RootDirectory = dir;
+        (*info).FileNameLength = (wname.len() * 2) as u32;
+        std::ptr::copy_nonoverlapping(
+            wname.as_ptr(),
+            std::ptr::addr_of_mut!((*info).FileName).cast::<u16>(),
+            wname.len(),
+        );
+    }
+    let mut iosb = IO_STATUS_BLOCK::default();
+    // SAFETY: valid handles; the buffer holds a FILE_RENAME_INFORMATION of
+    // `bytes`; `iosb` lives across the (synchronous) call.
+    let status = unsafe {
+        NtSetInformationFile(
+            h,
+            &mut iosb,
+            info.cast(),
+            bytes as u32,
+            FileRenameInformation,
+        )
+    };
+    if status < 0 {
+        // SAFETY: a pure conversion of a status code.
+        let code = unsafe { RtlNtStatusToDosError(status) };
+        return Err(io::Error::from_raw_os_error(code as i32));
+    }
+    Ok(())
 }
 
 fn is_exists(e: &io::Error) -> bool {
