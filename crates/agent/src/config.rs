@@ -271,7 +271,8 @@ pub struct SecuritySection {
     pub enable_file_copy: bool,
     /// Directories file transfers are confined to. Default: `/tmp` and
     /// `/var/tmp` on Unix; on Windows `%ProgramData%\KVM Manager
-    /// Agent\transfer` (drive-letter paths only, compared
+    /// Agent\transfer` (drive-letter paths whose names pass the Windows
+    /// path rules, else the configuration is refused; compared
     /// case-insensitively; a directory that does not exist makes every
     /// transfer to it answer "not found").
     #[serde(default = "default_allowed_file_paths")]
@@ -799,6 +800,14 @@ impl Config {
                     &format!("security.allowed_file_paths[{i}]"),
                     format!("{} is not an absolute path", p.display()),
                 ));
+            }
+            if cfg!(windows) {
+                if let Err(r) = crate::files::path::check_windows_root(p) {
+                    return Err(invalid(
+                        &format!("security.allowed_file_paths[{i}]"),
+                        format!("{}: {}", p.display(), r.describe()),
+                    ));
+                }
             }
         }
         self.validate_exec(&invalid)

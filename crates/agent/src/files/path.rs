@@ -218,6 +218,29 @@ fn win_component(c: &str) -> Option<Reason> {
     None
 }
 
+/// Whether `root` can be an allowed directory on Windows: a drive-letter
+/// path without `..` whose names pass the Windows rules (a root such as
+/// `C:\PROGRA~1\x` would refuse every path below it). Checked with the
+/// configuration.
+pub fn check_windows_root(root: &Path) -> Result<(), Reason> {
+    let s = root.to_str().ok_or(Reason::InvalidCharacter)?;
+    if s.contains('\0') {
+        return Err(Reason::Nul);
+    }
+    let (_, parts) = win_drive_parts(s)?;
+    if parts.contains(&"..") {
+        return Err(Reason::DotDot);
+    }
+    match parts
+        .iter()
+        .filter(|c| **c != ".")
+        .find_map(|c| win_component(c))
+    {
+        Some(r) => Err(r),
+        None => Ok(()),
+    }
+}
+
 /// The Windows rules (see the module's documentation): `path` must be a
 /// drive-letter path inside one of `roots` (compared case-insensitively,
 /// by whole components; the longest wins). Roots that are not drive-letter
@@ -420,5 +443,19 @@ mod tests {
         let nested = vec![PathBuf::from(r"C:\srv"), PathBuf::from(r"C:\SRV\Up")];
         let l = check_windows(r"c:\srv\up\f", &nested).unwrap();
         assert_eq!((l.root, l.rel), (Path::new(r"C:\SRV\Up"), vec!["f"]));
+        // Roots the configuration accepts on Windows.
+        assert_eq!(check_windows_root(Path::new(r"C:\ProgramData\x")), Ok(()));
+        assert_eq!(check_windows_root(Path::new(r"D:\")), Ok(()));
+        for (root, want) in [
+            (r"\\server\share", Reason::Unc),
+            (r"\\?\C:\x", Reason::DevicePath),
+            (r"C:x", Reason::Relative),
+            (r"C:\a\..\b", Reason::DotDot),
+            (r"C:\PROGRA~1\x", Reason::ShortName),
+            (r"C:\x\con", Reason::DeviceName),
+            (r"C:\x.\y", Reason::TrailingDotOrSpace),
+        ] {
+            assert_eq!(check_windows_root(Path::new(root)), Err(want), "{root}");
+        }
     }
 }
