@@ -865,7 +865,22 @@ fn the_methods_work_through_the_dispatcher() {
     let data: Vec<u8> = (0..3000u32).map(|i| (i % 253) as u8).collect();
     let big = t.r(r"up\big.bin");
     let h = call("file_open", json!({"path": big, "access": "write"})).unwrap()["handle"].clone();
-    for (i, c) in data.chunks(1000).enumerate().rev() {
+    let w = call(
+        "file_write",
+        json!({"handle": h, "offset": 0, "data_base64": b64(&data[..1000])}),
+    )
+    .unwrap();
+    assert_eq!(w["written"], 1000);
+    // Resuming (after a reconnect), spelled in another case: the same
+    // upload, 1000 bytes in.
+    let resumed = call(
+        "file_open",
+        json!({"path": big.to_uppercase(), "access": "write", "resume": true}),
+    )
+    .unwrap();
+    assert_eq!(resumed["handle"], h);
+    assert_eq!(resumed["size"], 1000);
+    for (i, c) in data.chunks(1000).enumerate().skip(1).rev() {
         let w = call(
             "file_write",
             json!({"handle": h, "offset": i * 1000, "data_base64": b64(c)}),
