@@ -26,6 +26,14 @@
 //!
 //! Names are compared case-insensitively; names starting with the
 //! temporary-file prefix in any case are `reserved_name`.
+//!
+//! Each handle's final path (`GetFinalPathNameByHandleW`) must also be its
+//! directory's final path plus its name (`symlink` otherwise): a link the
+//! file system does not show as a reparse point, as Wine shows the host's
+//! symbolic links, is caught that way when it is in place. Wine computes
+//! that path apart from the open, so under Wine a link swapped in during a
+//! resolution can still escape; on Windows links are reparse points and the
+//! race does not arise.
 
 use std::ffi::OsStr;
 use std::fs::File;
