@@ -10,6 +10,11 @@
 //! large chunk is written. Each call adds its facts to the audit record:
 //! the resolved path, the handle, bytes and, when known, the sha256; a
 //! refusal adds its reason.
+//!
+//! The same code serves Windows, where `resolve` and `upload` are the
+//! Windows modules and the path rules are Windows ones; there `mode` is
+//! checked but not applied and `uid`/`gid` are refused (-32602 kind
+//! `owner`) before anything is written.
 
 use kvm_agent_protocol::methods::files::{
     CopyFromGuestParams, CopyToGuestParams, FileCloseParams, FileClosed, FileCommitted,
