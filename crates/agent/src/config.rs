@@ -270,7 +270,12 @@ pub struct SecuritySection {
     /// Allow the file transfer methods at all.
     #[serde(default = "default_true")]
     pub enable_file_copy: bool,
-    /// Directories file transfers are confined to.
+    /// Directories file transfers are confined to. Default: `/tmp` and
+    /// `/var/tmp` on Unix; on Windows `%ProgramData%\KVM Manager
+    /// Agent\transfer` (drive-letter paths whose names pass the Windows
+    /// path rules, else the configuration is refused; compared
+    /// case-insensitively; a directory that does not exist makes every
+    /// transfer to it answer "not found").
     #[serde(default = "default_allowed_file_paths")]
     pub allowed_file_paths: Vec<PathBuf>,
     /// Methods refused with `denied` whatever else is configured.
@@ -392,9 +397,13 @@ fn default_allowed_file_paths() -> Vec<PathBuf> {
     if cfg!(unix) {
         vec![PathBuf::from("/tmp"), PathBuf::from("/var/tmp")]
     } else {
-        // File transfer on Windows comes with its own path rules; until then
-        // no directory is allowed by default.
-        Vec::new()
+        // The agent's own transfer directory under %ProgramData% (only
+        // administrators and the service write there by default).
+        let base = std::env::var_os("ProgramData")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .unwrap_or_else(|| PathBuf::from(r"C:\ProgramData"));
+        vec![base.join("KVM Manager Agent").join("transfer")]
     }
 }
 
@@ -793,6 +802,14 @@ impl Config {
                     format!("{} is not an absolute path", p.display()),
                 ));
             }
+            if cfg!(windows) {
+                if let Err(r) = crate::files::path::check_windows_root(p) {
+                    return Err(invalid(
+                        &format!("security.allowed_file_paths[{i}]"),
+                        format!("{}: {}", p.display(), r.describe()),
+                    ));
+                }
+            }
         }
         self.validate_exec(&invalid)
     }
@@ -950,12 +967,16 @@ mod tests {
         let c = parse("").unwrap();
         assert!(!c.security.enable_exec);
         assert!(c.security.enable_file_copy);
-        let tmp: &[PathBuf] = if cfg!(unix) {
-            &[PathBuf::from("/tmp"), PathBuf::from("/var/tmp")]
+        if cfg!(unix) {
+            let tmp = [PathBuf::from("/tmp"), PathBuf::from("/var/tmp")];
+            assert_eq!(c.security.allowed_file_paths, tmp);
         } else {
-            &[]
-        };
-        assert_eq!(c.security.allowed_file_paths, tmp);
+            let [root] = c.security.allowed_file_paths.as_slice() else {
+                panic!("{:?}", c.security.allowed_file_paths);
+            };
+            assert!(root.is_absolute(), "{root:?}");
+            assert!(root.ends_with(r"KVM Manager Agent\transfer"), "{root:?}");
+        }
         assert_eq!(c.limits.max_frame_bytes, 16 * 1024 * 1024);
         assert_eq!(c.limits.max_chunk_bytes(), 8 * 1024 * 1024);
         assert_eq!(c.agent.transports, ["virtio-serial"]);

@@ -46,7 +46,6 @@ pub struct Context {
     /// handles and positions).
     pub qga: crate::qga::State,
     /// Open file handles (`file_open`).
-    #[cfg(unix)]
     pub files: Arc<crate::files::table::FileTable>,
 }
 
@@ -85,7 +84,6 @@ impl Context {
         auditor: Arc<Auditor>,
         auth: Authenticator,
     ) -> Arc<Self> {
-        #[cfg(unix)]
         let files = crate::files::table::FileTable::new(crate::files::table::TableLimits {
             per_connection: config.limits.max_file_handles_per_connection,
             total: config.limits.max_file_handles_total,
@@ -105,7 +103,6 @@ impl Context {
             exec,
             power: PowerControl::from_env(),
             qga: crate::qga::State::default(),
-            #[cfg(unix)]
             files,
         })
     }

@@ -867,7 +867,12 @@ mod tests {
                 .await
                 .unwrap_err();
             assert_eq!(e.kind(), Some(ErrorCode::Denied), "exec is off by default");
-            let e = run(&ctx, "copy_from_guest", Some(r#"{"path":"/etc/shadow"}"#))
+            let outside = if cfg!(windows) {
+                r#"{"path":"C:\\Windows\\System32\\config\\SAM"}"#
+            } else {
+                r#"{"path":"/etc/shadow"}"#
+            };
+            let e = run(&ctx, "copy_from_guest", Some(outside))
                 .await
                 .unwrap_err();
             assert_eq!(e.kind(), Some(ErrorCode::Denied));

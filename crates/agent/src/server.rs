@@ -90,7 +90,6 @@ async fn serve(
     }
     let ctx = Context::new(config, shutdown.clone(), auth).map_err(ServerError::Audit)?;
     crate::files::tune_allocator();
-    #[cfg(unix)]
     if ctx.config.security.enable_file_copy {
         // Uploads cut short by a crash: their temporaries go, off the
         // start-up path (live ones are locked and left alone).

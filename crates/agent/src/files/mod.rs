@@ -12,17 +12,60 @@
 //!   SHA-256 of each transfer.
 //!
 //! The handlers of the six methods are in [`crate::handlers::files`].
+//!
+//! On Windows, [`resolve`] and [`upload`] are their Windows versions
+//! (`resolve_windows.rs`, `upload_windows.rs`) with the same names: handle
+//! based checks instead of file descriptors, a rename by handle instead of
+//! `renameat2` (see each module).
 
 pub mod path;
 #[cfg(unix)]
 pub mod resolve;
-#[cfg(unix)]
+#[cfg(windows)]
+#[path = "resolve_windows.rs"]
+pub mod resolve;
 pub mod table;
 #[cfg(unix)]
+pub mod upload;
+#[cfg(windows)]
+#[path = "upload_windows.rs"]
 pub mod upload;
 
 #[cfg(all(test, unix))]
 mod tests;
+#[cfg(all(test, windows))]
+mod tests_windows;
+
+/// Read into `buf` at `offset` (one call; fewer bytes at end of file).
+pub fn read_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    #[cfg(unix)]
+    return std::os::unix::fs::FileExt::read_at(file, buf, offset);
+    #[cfg(windows)]
+    return std::os::windows::fs::FileExt::seek_read(file, buf, offset);
+}
+
+/// Write all of `data` at `offset`.
+pub fn write_all_at(file: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    return std::os::unix::fs::FileExt::write_all_at(file, data, offset);
+    #[cfg(windows)]
+    {
+        let mut done = 0;
+        while done < data.len() {
+            match std::os::windows::fs::FileExt::seek_write(
+                file,
+                &data[done..],
+                offset + done as u64,
+            ) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
 
 use kvm_agent_protocol::{ErrorCode, ErrorObject, MethodName};
 use serde_json::json;
@@ -85,6 +128,23 @@ pub enum Reason {
     RootNotDirectory,
     /// The name is one the agent uses for its temporary files.
     ReservedName,
+    /// Windows: a UNC path (`\\server\share\...`).
+    Unc,
+    /// Windows: a device or namespace path (`\\?\`, `\\.\`, `\??\`).
+    DevicePath,
+    /// Windows: an alternate data stream (a `:` after the drive).
+    Stream,
+    /// Windows: a reserved device name (`CON`, `NUL`, `COM1`, ...) as a
+    /// component, with any extension.
+    DeviceName,
+    /// Windows: a name ending in a dot or a space (Win32 strips them).
+    TrailingDotOrSpace,
+    /// Windows: a name that may be an 8.3 short name (`~` and a digit).
+    ShortName,
+    /// Windows: a character no Windows name may hold (`<>"|?*`, controls).
+    InvalidCharacter,
+    /// Windows: a reparse point other than a symbolic link or a junction.
+    ReparsePoint,
 }
 
 impl Reason {
@@ -107,11 +167,19 @@ impl Reason {
             Reason::MountCrossing => "mount_crossing",
             Reason::RootNotDirectory => "root_not_directory",
             Reason::ReservedName => "reserved_name",
+            Reason::Unc => "unc",
+            Reason::DevicePath => "device_path",
+            Reason::Stream => "stream",
+            Reason::DeviceName => "device_name",
+            Reason::TrailingDotOrSpace => "trailing_dot_or_space",
+            Reason::ShortName => "short_name",
+            Reason::InvalidCharacter => "invalid_character",
+            Reason::ReparsePoint => "reparse_point",
         }
     }
 
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 24] = [
         Reason::Empty,
         Reason::Relative,
         Reason::Nul,
@@ -128,6 +196,14 @@ impl Reason {
         Reason::MountCrossing,
         Reason::RootNotDirectory,
         Reason::ReservedName,
+        Reason::Unc,
+        Reason::DevicePath,
+        Reason::Stream,
+        Reason::DeviceName,
+        Reason::TrailingDotOrSpace,
+        Reason::ShortName,
+        Reason::InvalidCharacter,
+        Reason::ReparsePoint,
     ];
 
     /// A phrase for messages.
@@ -151,6 +227,14 @@ impl Reason {
                 "the allowed directory is a symbolic link or not a directory"
             }
             Reason::ReservedName => "the name is reserved for the agent's temporary files",
+            Reason::Unc => "the path is a UNC path",
+            Reason::DevicePath => "the path is a device or namespace path",
+            Reason::Stream => "the path names an alternate data stream",
+            Reason::DeviceName => "the path has a reserved device name",
+            Reason::TrailingDotOrSpace => "a name ends in a dot or a space",
+            Reason::ShortName => "a name may be an 8.3 short name",
+            Reason::InvalidCharacter => "a name has a character Windows does not allow",
+            Reason::ReparsePoint => "the path goes through a reparse point",
         }
     }
 }
@@ -320,5 +404,26 @@ impl From<&FileError> for ErrorObject {
                 ErrorObject::new(ErrorCode::Unsupported).data(json!({ "method": method.as_str() }))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod reason_tests {
+    use super::Reason;
+
+    /// Every refusal reason is on the wire, so docs/protocol.md names each.
+    #[test]
+    fn every_reason_is_documented() {
+        let doc = include_str!("../../../../docs/protocol.md");
+        let mut names: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        for name in &names {
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "{name} is not in docs/protocol.md"
+            );
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Reason::ALL.len());
     }
 }

@@ -37,6 +37,9 @@ use super::Reason;
 /// as targets.
 pub const TEMP_PREFIX: &str = ".kva-upload.";
 
+/// A file's name in its directory.
+pub type Name = CString;
+
 /// Why a resolution failed.
 #[derive(Debug)]
 pub enum ResolveError {
@@ -362,6 +365,18 @@ fn walk_dirs(root: &OwnedFd, comps: &[&str], create: bool) -> Result<OwnedFd, Re
         cur = next;
     }
     Ok(cur)
+}
+
+/// The table key of an upload: the directory's device and inode, and the
+/// name.
+pub fn dir_key(dir: &OwnedFd, name: &CStr) -> io::Result<(u64, u64, Name)> {
+    let st = fstat(dir.as_raw_fd())?;
+    Ok((st.st_dev as u64, st.st_ino as u64, name.to_owned()))
+}
+
+/// The size of an open file.
+pub fn file_size(file: &File) -> io::Result<u64> {
+    Ok(fstat(file.as_raw_fd())?.st_size as u64)
 }
 
 /// `openat(2)`.

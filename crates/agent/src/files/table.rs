@@ -18,16 +18,15 @@
 //! re-read of the file.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use kvm_agent_protocol::codec::Sha256Stream;
 
+use super::resolve::Name;
 use super::upload::Temp;
 use super::FileError;
 
@@ -51,7 +50,7 @@ pub struct Upload {
     /// The temporary file.
     pub temp: Temp,
     /// The target's name in the temporary file's directory.
-    pub target: CString,
+    pub target: Name,
     /// Replace an existing target at commit.
     pub overwrite: bool,
     /// Permission bits set at commit.
@@ -69,7 +68,7 @@ pub struct Handle {
     pub path: String,
     /// For uploads: the directory's device and inode and the target name,
     /// by which `resume` finds the upload again.
-    pub key: Option<(u64, u64, CString)>,
+    pub key: Option<(u64, u64, Name)>,
     /// Operations take it shared; closing takes it exclusively, so a close
     /// waits for the chunks in flight.
     pub state: RwLock<State>,
@@ -224,7 +223,7 @@ impl Progress {
         let mut buf = vec![0u8; READ_BACK.min((to.saturating_sub(self.upto)) as usize)];
         while self.upto < to {
             let n = READ_BACK.min((to - self.upto) as usize);
-            let got = file.read_at(&mut buf[..n], self.upto)?;
+            let got = super::read_at(file, &mut buf[..n], self.upto)?;
             if got == 0 {
                 // The file is shorter than expected (a reader's file shrank).
                 break;
@@ -298,7 +297,7 @@ impl FileTable {
         self: &Arc<Self>,
         conn: u64,
         path: String,
-        key: Option<(u64, u64, CString)>,
+        key: Option<(u64, u64, Name)>,
         state: State,
     ) -> Result<Arc<Handle>, FileError> {
         self.start_sweeper();
@@ -351,7 +350,7 @@ impl FileTable {
     }
 
     /// The most recently used upload to `key`, now owned by `conn`.
-    pub fn find_upload(&self, key: &(u64, u64, CString), conn: u64) -> Option<Arc<Handle>> {
+    pub fn find_upload(&self, key: &(u64, u64, Name), conn: u64) -> Option<Arc<Handle>> {
         let handles = self.lock();
         let h = handles
             .values()

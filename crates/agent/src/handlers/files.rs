@@ -10,6 +10,11 @@
 //! large chunk is written. Each call adds its facts to the audit record:
 //! the resolved path, the handle, bytes and, when known, the sha256; a
 //! refusal adds its reason.
+//!
+//! The same code serves Windows, where `resolve` and `upload` are the
+//! Windows modules and the path rules are Windows ones; there `mode` is
+//! checked but not applied and `uid`/`gid` are refused (-32602 kind
+//! `owner`) before anything is written.
 
 use kvm_agent_protocol::methods::files::{
     CopyFromGuestParams, CopyToGuestParams, FileCloseParams, FileClosed, FileCommitted,
@@ -27,7 +32,6 @@ use crate::files::FileError;
 pub const DEFAULT_MODE: u32 = 0o600;
 
 /// Record a failure's facts (the refusal reason) in the audit record.
-#[cfg(unix)]
 fn note_error(audit: &mut PendingAudit, e: &FileError) {
     if let Some(r) = e.reason() {
         audit.detail("reason", r.as_str());
@@ -37,14 +41,10 @@ fn note_error(audit: &mut PendingAudit, e: &FileError) {
     }
 }
 
-#[cfg(unix)]
 pub use imp::*;
 
-#[cfg(unix)]
 mod imp {
     use std::fs::File;
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::FileExt;
     use std::sync::Arc;
 
     use kvm_agent_protocol::attachment::Attachment;
@@ -55,6 +55,7 @@ mod imp {
     use crate::files::resolve::{self, ResolveError, Resolver};
     use crate::files::table::{Handle, Progress, State, Upload};
     use crate::files::upload::{CommitError, Temp};
+    use crate::files::{read_at, write_all_at};
 
     fn take_buffer() -> Vec<u8> {
         crate::buffers::take()
@@ -131,6 +132,25 @@ mod imp {
         Ok(mode)
     }
 
+    /// `uid`/`gid`: POSIX ids, which Windows files do not have: refused
+    /// there (-32602 kind `owner`), before anything is written.
+    fn check_owner(
+        method: MethodName,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> Result<(), FileError> {
+        if cfg!(windows) && (uid.is_some() || gid.is_some()) {
+            return Err(FileError::Invalid {
+                method,
+                kind: "owner",
+                reason: "uid and gid cannot be set on Windows".into(),
+                expected: None,
+                actual: None,
+            });
+        }
+        Ok(())
+    }
+
     fn check_sha(method: MethodName, sha: &Option<String>) -> Result<(), FileError> {
         match sha {
             Some(s) if !codec::is_sha256_hex(s) => Err(FileError::Invalid {
@@ -200,14 +220,6 @@ mod imp {
         }
     }
 
-    fn dir_key(
-        dir: &std::os::fd::OwnedFd,
-        name: &std::ffi::CStr,
-    ) -> Result<(u64, u64, std::ffi::CString), std::io::Error> {
-        let st = resolve::fstat(dir.as_raw_fd())?;
-        Ok((st.st_dev as u64, st.st_ino as u64, name.to_owned()))
-    }
-
     /// `copy_to_guest`.
     pub async fn copy_to_guest(
         ctx: &Context,
@@ -231,6 +243,7 @@ mod imp {
         let shown = lex.display();
         audit.detail("path", shown.as_str());
         let mode = check_mode(M, p.mode)?;
+        check_owner(M, p.uid, p.gid)?;
         check_sha(M, &p.sha256)?;
         let max = u64::from(ctx.limits().max_chunk_bytes);
         check_encoded(&p.content_base64, max)?;
@@ -253,9 +266,7 @@ mod imp {
             let shown = lex.display();
             let dir = Arc::new(target.dir);
             let temp = Temp::create(dir).map_err(|e| FileError::io(&shown, &e))?;
-            temp.file
-                .write_all_at(&data, 0)
-                .map_err(|e| FileError::io(&shown, &e))?;
+            write_all_at(&temp.file, &data, 0).map_err(|e| FileError::io(&shown, &e))?;
             temp.commit(&target.name, mode, (p.uid, p.gid), p.overwrite)
                 .map_err(|e| commit_error(&shown, e))?;
             let size = data.len() as u64;
@@ -332,7 +343,7 @@ mod imp {
     fn read_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
         let mut n = 0;
         while n < buf.len() {
-            match file.read_at(&mut buf[n..], offset + n as u64) {
+            match read_at(file, &mut buf[n..], offset + n as u64) {
                 Ok(0) => break,
                 Ok(k) => n += k,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -373,6 +384,7 @@ mod imp {
             },
         );
         let mode = check_mode(M, p.mode)?;
+        check_owner(M, p.uid, p.gid)?;
         let roots = ctx.config.security.allowed_file_paths.clone();
         let table = ctx.files.clone();
         let conn = audit.connection();
@@ -392,7 +404,7 @@ mod imp {
                     let target = resolver
                         .open_write(&lex, p.create_parents, p.overwrite)
                         .map_err(|e| resolve_error(M, &p.path, e))?;
-                    let key = dir_key(&target.dir, &target.name)
+                    let key = resolve::dir_key(&target.dir, &target.name)
                         .map_err(|e| FileError::io(&shown, &e))?;
                     if p.resume {
                         if let Some(h) = table.find_upload(&key, conn) {
@@ -498,9 +510,7 @@ mod imp {
         }
         let n = read_full(file, &mut buf[..p.length as usize], p.offset)
             .map_err(|e| FileError::io(&h.path, &e))?;
-        let size = resolve::fstat(file.as_raw_fd())
-            .map(|st| st.st_size as u64)
-            .map_err(|e| FileError::io(&h.path, &e))?;
+        let size = resolve::file_size(file).map_err(|e| FileError::io(&h.path, &e))?;
         let eof = n < p.length as usize || p.offset + n as u64 >= size;
         h.record(p.offset, &buf[..n], file, false)
             .map_err(|e| FileError::io(&h.path, &e))?;
@@ -653,8 +663,7 @@ mod imp {
             }
             State::Closed => return Err(FileError::NoHandle { handle: h.id }),
         };
-        file.write_all_at(data, offset)
-            .map_err(|e| FileError::io(&h.path, &e))?;
+        write_all_at(file, data, offset).map_err(|e| FileError::io(&h.path, &e))?;
         h.record(offset, data, file, true)
             .map_err(|e| FileError::io(&h.path, &e))?;
         let n = data.len() as u64;
@@ -705,7 +714,7 @@ mod imp {
         let progress = std::mem::take(&mut *h.progress.lock().unwrap_or_else(|e| e.into_inner()));
         let io = |e: std::io::Error| FileError::io(&h.path, &e);
         let summary = |file: &File, progress: Progress| -> Result<(u64, String), FileError> {
-            let size = resolve::fstat(file.as_raw_fd()).map_err(io)?.st_size as u64;
+            let size = resolve::file_size(file).map_err(io)?;
             Ok((size, progress.finish(file, size).map_err(io)?))
         };
         match state {
@@ -754,40 +763,3 @@ mod imp {
         }
     }
 }
-
-#[cfg(not(unix))]
-mod imp_unsupported {
-    use super::*;
-
-    macro_rules! unsupported {
-        ($name:ident, $params:ty, $result:ty, $m:expr) => {
-            /// Not available on this platform.
-            pub async fn $name(
-                _ctx: &Context,
-                _p: $params,
-                _audit: &mut PendingAudit,
-            ) -> Result<$result, FileError> {
-                Err(FileError::Unsupported { method: $m })
-            }
-        };
-    }
-    unsupported!(
-        copy_to_guest,
-        CopyToGuestParams,
-        FileCommitted,
-        MethodName::CopyToGuest
-    );
-    unsupported!(
-        copy_from_guest,
-        CopyFromGuestParams,
-        Box<RawValue>,
-        MethodName::CopyFromGuest
-    );
-    unsupported!(open, FileOpenParams, FileOpened, MethodName::FileOpen);
-    unsupported!(read, FileReadParams, Reply, MethodName::FileRead);
-    unsupported!(write, FileWriteParams, FileWritten, MethodName::FileWrite);
-    unsupported!(close, FileCloseParams, FileClosed, MethodName::FileClose);
-}
-
-#[cfg(not(unix))]
-pub use imp_unsupported::*;
