@@ -16,7 +16,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use kvm_agent_protocol::attachment::Attachment;
@@ -414,7 +413,7 @@ pub async fn download(
             // Write and hash in order.
             while let Some(data) = ready.remove(&written) {
                 let data = data.as_bytes();
-                file.write_all_at(data, written).map_err(perr)?;
+                write_all_at(&file, data, written).map_err(perr)?;
                 hasher.update(data);
                 written += data.len() as u64;
                 progress(written, total.max(written));
@@ -456,4 +455,29 @@ pub async fn download(
         sha256,
         resumed_from,
     })
+}
+
+/// Write all of `data` at `offset` of `file` (positional, whatever the
+/// file's cursor).
+fn write_all_at(file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::write_all_at(file, data, offset)
+    }
+    #[cfg(windows)]
+    {
+        let mut done = 0;
+        while done < data.len() {
+            let n = std::os::windows::fs::FileExt::seek_write(
+                file,
+                &data[done..],
+                offset + done as u64,
+            )?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            done += n;
+        }
+        Ok(())
+    }
 }

@@ -24,7 +24,6 @@ mod auth;
 mod client;
 mod connection;
 mod error;
-#[cfg(unix)]
 pub mod files;
 mod target;
 mod transport;

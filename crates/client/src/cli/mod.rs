@@ -3,7 +3,6 @@
 mod codec;
 mod output;
 mod prometheus;
-#[cfg(unix)]
 mod transfer;
 
 use std::io::{Read, Write};
@@ -825,11 +824,9 @@ async fn cp(client: &Client, args: CpArgs, json: bool) -> Outcome {
         (Some(_), Some(_)) | (None, None) => Err(Failure::Usage(
             "cp needs exactly one side of the form guest:/PATH".into(),
         )),
-        #[cfg(unix)]
         (None, Some(guest)) if args.src != "-" => {
             transfer::upload(client, &args, guest, json).await
         }
-        #[cfg(unix)]
         (Some(guest), None) if args.dst != "-" => {
             transfer::download(client, &args, guest, json).await
         }
