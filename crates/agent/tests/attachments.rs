@@ -3,9 +3,6 @@
 //! `file_read` answering with them, and every misuse refused with the
 //! documented error while the connection keeps serving.
 
-// Unix sockets only: on Windows this file compiles to nothing.
-#![cfg(unix)]
-
 mod common;
 
 use common::{error_code, Conn, FileFixture, Scratch};
@@ -209,12 +206,17 @@ fn authenticated_requests_take_no_attachments() {
     let keys = Scratch::new("attach-keys");
     let key_path = keys.0.join("k");
     std::fs::write(&key_path, format!("{}\n", "ab".repeat(32))).unwrap();
+    // The agent refuses a key file that others can read (on unix).
+    #[cfg(unix)]
     std::fs::set_permissions(
         &key_path,
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
-    let f = fixture(&format!("hmac_key_file = \"{}\"\n", key_path.display()));
+    let f = fixture(&format!(
+        "hmac_key_file = {}\n",
+        common::toml_path(&key_path)
+    ));
     let mut c = f.agent.connect();
     let key = kvm_agent_protocol::auth::Key::from_hex(&"ab".repeat(32)).unwrap();
     let mut body = Vec::new();

@@ -4,9 +4,10 @@
 //! proxy that rewrites the agent's frames), the audit trail, and key files
 //! the agent refuses.
 
-// These tests talk to the agent (or the CLI) over unix sockets: on Windows
-// this file compiles to nothing (no Windows transport exists yet) rather
-// than having its tests skipped or failing. On Linux they all run.
+// Key files here are protected by unix file modes, which the agent checks:
+// on Windows this file compiles to nothing (the signing itself runs there in
+// attachments.rs and the protocol crate's tests) rather than having its
+// tests skipped or failing. On Linux they all run.
 #![cfg(unix)]
 
 mod common;

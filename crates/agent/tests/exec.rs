@@ -3,9 +3,10 @@
 //! kill the whole process group, `exited` while a background process holds
 //! the pipes, bounded memory under an output flood, and lossless streaming.
 
-// These tests talk to the agent (or the CLI) over unix sockets: on Windows
-// this file compiles to nothing (no Windows transport exists yet) rather
-// than having its tests skipped or failing. On Linux they all run.
+// These tests run Linux programs (/bin/sh, /usr/bin/...): on Windows this
+// file compiles to nothing rather than having its tests skipped or failing;
+// Windows exec is tested through its handlers (handlers/exec.rs,
+// `windows_tests`). On Linux they all run.
 #![cfg(unix)]
 
 mod common;

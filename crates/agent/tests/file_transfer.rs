@@ -6,9 +6,10 @@
 //! Every agent here is confined to its own scratch directory
 //! (`allowed_file_paths`), never the shared /tmp.
 
-// These tests talk to the agent (or the CLI) over unix sockets: on Windows
-// this file compiles to nothing (no Windows transport exists yet) rather
-// than having its tests skipped or failing. On Linux they all run.
+// These tests use POSIX paths, unix file modes and signals: on Windows this
+// file compiles to nothing rather than having its tests skipped or failing;
+// Windows file transfer is tested in files/tests_windows.rs and end to end
+// in end_to_end.rs. On Linux they all run.
 #![cfg(unix)]
 
 mod common;

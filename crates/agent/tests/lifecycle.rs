@@ -1,9 +1,9 @@
 //! Start-up, configuration checking, connection limits and shutdown of the
 //! real agent binary.
 
-// These tests talk to the agent (or the CLI) over unix sockets: on Windows
-// this file compiles to nothing (no Windows transport exists yet) rather
-// than having its tests skipped or failing. On Linux they all run.
+// These tests send unix signals (SIGTERM, SIGKILL) to the agent: on Windows
+// this file compiles to nothing rather than having its tests skipped or
+// failing. On Linux they all run.
 #![cfg(unix)]
 
 mod common;

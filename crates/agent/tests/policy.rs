@@ -2,9 +2,9 @@
 //! one check in the dispatcher refuses exactly what the configuration says,
 //! and get_capabilities lists exactly what it allows.
 
-// These tests talk to the agent (or the CLI) over unix sockets: on Windows
-// this file compiles to nothing (no Windows transport exists yet) rather
-// than having its tests skipped or failing. On Linux they all run.
+// These tests use POSIX paths and Linux programs: on Windows this file
+// compiles to nothing rather than having its tests skipped or failing. On
+// Linux they all run.
 #![cfg(unix)]
 
 mod common;

@@ -3,10 +3,8 @@
 //! KVA_POWER_DRY_RUN, see common::power_log). Real power actions are tested
 //! inside guests by crates/vmtest.
 
-// These tests talk to the agent (or the CLI) over unix sockets: on Windows
-// this file compiles to nothing (no Windows transport exists yet) rather
-// than having its tests skipped or failing. On Linux they all run.
-#![cfg(unix)]
+// On Windows the same tests run over the named pipe (tests/common), with
+// the same dry-run recorder in front of InitiateShutdownW.
 
 mod common;
 

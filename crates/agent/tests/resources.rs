@@ -2,9 +2,9 @@
 //! misbehaves. These tests measure CPU time and memory of the agent process
 //! (from /proc), never wall-clock durations.
 
-// These tests talk to the agent (or the CLI) over unix sockets: on Windows
-// this file compiles to nothing (no Windows transport exists yet) rather
-// than having its tests skipped or failing. On Linux they all run.
+// These tests read the agent's memory and descriptors from /proc: on
+// Windows this file compiles to nothing rather than having its tests
+// skipped or failing. On Linux they all run.
 #![cfg(unix)]
 
 mod common;

@@ -1,9 +1,9 @@
 //! Runs the `kvm-agent-ctl` binary against a fake agent on a unix socket and
 //! checks its output and exit codes.
 
-// These tests talk to the agent (or the CLI) over unix sockets: on Windows
-// this file compiles to nothing (no Windows transport exists yet) rather
-// than having its tests skipped or failing. On Linux they all run.
+// The fake agent listens on a unix socket (the CLI is a host tool, and KVM
+// hosts are Linux): on Windows this file compiles to nothing rather than
+// having its tests skipped or failing. On Linux they all run.
 #![cfg(unix)]
 
 use std::io::{Read, Write};
