@@ -42,7 +42,15 @@ const IDLE_TICKS: u64 = 10;
 
 #[test]
 fn idle_agent_uses_no_cpu() {
-    let agent = Agent::start("");
+    // An empty allowed directory: the start-up sweep for stale upload
+    // temporaries (a bounded scan of the allowed directories, in the
+    // background) is over at once instead of overlapping the measurement
+    // when /tmp is large.
+    let root = common::Scratch::new("idle-root");
+    let agent = Agent::start(&format!(
+        "[security]\nallowed_file_paths = [{}]\n",
+        common::toml_path(&root.0)
+    ));
     let pid = agent.child.id();
     let mut c = agent.connect();
     c.assert_ping_is_next();
