@@ -1,4 +1,6 @@
-//! The configuration file, `/etc/kvm-manager-agent/config.toml`.
+//! The configuration file: `/etc/kvm-manager-agent/config.toml` on Linux,
+//! `%ProgramData%\KVM Manager Agent\config.toml` on Windows
+//! ([`default_config_path`]).
 //!
 //! Every key is optional and has a safe default; unknown keys are errors, and
 //! each validation error names the key. `kvm-manager-agent --check-config`
@@ -12,8 +14,28 @@ use serde::{Deserialize, Serialize};
 
 use crate::transport::TransportSpec;
 
-/// Where the agent looks for its configuration when `--config` is not given.
+/// Where the agent looks for its configuration on Linux when `--config` is
+/// not given (see [`default_config_path`] for every platform).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kvm-manager-agent/config.toml";
+
+/// The folder under `%ProgramData%` that holds the Windows configuration
+/// (the MSI installs the default file there).
+pub const WINDOWS_CONFIG_DIR: &str = "KVM Manager Agent";
+
+/// Where the agent looks for its configuration when `--config` is not
+/// given: [`DEFAULT_CONFIG_PATH`] on Linux; on Windows `config.toml` in
+/// [`WINDOWS_CONFIG_DIR`] under `%ProgramData%` (`C:\ProgramData` when the
+/// variable is unset, as for some early-boot services).
+pub fn default_config_path() -> PathBuf {
+    if cfg!(windows) {
+        let data = std::env::var_os("ProgramData")
+            .filter(|d| !d.is_empty())
+            .map_or_else(|| PathBuf::from(r"C:\ProgramData"), PathBuf::from);
+        data.join(WINDOWS_CONFIG_DIR).join("config.toml")
+    } else {
+        PathBuf::from(DEFAULT_CONFIG_PATH)
+    }
+}
 
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -933,6 +955,33 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn default_path_per_platform() {
+        let path = default_config_path();
+        if cfg!(windows) {
+            let data = std::env::var_os("ProgramData").expect("ProgramData is set");
+            assert!(path.starts_with(&data), "{}", path.display());
+            assert!(
+                path.ends_with(Path::new(WINDOWS_CONFIG_DIR).join("config.toml")),
+                "{}",
+                path.display()
+            );
+        } else {
+            assert_eq!(path, Path::new(DEFAULT_CONFIG_PATH));
+        }
+    }
+
+    /// The file the MSI installs (packaging/windows/config.toml) is valid
+    /// and serves the virtio-serial port.
+    #[test]
+    fn the_windows_config_is_valid() {
+        let c = parse(include_str!("../../../packaging/windows/config.toml")).unwrap();
+        assert_eq!(c.agent.transports[0], "virtio-serial");
+        assert_eq!(c.audit.destination, AuditDestination::Auto);
+        assert!(!c.security.enable_exec);
+        assert!(c.security.allowed_file_paths.is_empty());
     }
 
     #[test]
