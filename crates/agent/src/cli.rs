@@ -75,6 +75,9 @@ OPTIONS:
                               (default name org.kvmmanager.agent.0)
                           vsock[:PORT]     AF_VSOCK listener (default port 7789)
                           unix:PATH        unix-socket listener (mode 0600)
+                          pipe:NAME        Windows named pipe \\\\.\\pipe\\NAME
+                                           (SYSTEM and Administrators only)
+                          com:COMn         Windows serial port, 115200 8N1
     --qga-transport SPEC
                         Also speak qemu-guest-agent's protocol there (same
                         forms; repeat for several). Replaces [qga] from the

@@ -132,7 +132,8 @@ fn default_qga_transports() -> Vec<String> {
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSection {
-    /// Where to listen: `virtio-serial[:NAME_OR_PATH]`, `vsock[:PORT]`, `unix:PATH`.
+    /// Where to listen: `virtio-serial[:NAME_OR_PATH]`, `vsock[:PORT]`,
+    /// `unix:PATH`; on Windows also `pipe:NAME` and `com:COMn`.
     #[serde(default = "default_transports")]
     pub transports: Vec<String>,
     /// `error`, `warn`, `info`, `debug` or `trace`.
@@ -974,11 +975,14 @@ mod tests {
     }
 
     /// The file the MSI installs (packaging/windows/config.toml) is valid
-    /// and serves the virtio-serial port.
+    /// and serves the virtio-serial port and the local named pipe.
     #[test]
     fn the_windows_config_is_valid() {
         let c = parse(include_str!("../../../packaging/windows/config.toml")).unwrap();
-        assert_eq!(c.agent.transports[0], "virtio-serial");
+        assert_eq!(
+            c.agent.transports,
+            ["virtio-serial", "pipe:kvm-manager-agent"]
+        );
         assert_eq!(c.audit.destination, AuditDestination::Auto);
         assert!(!c.security.enable_exec);
         assert!(c.security.allowed_file_paths.is_empty());

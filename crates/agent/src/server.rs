@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::connection;
 use crate::context::Context;
 use crate::shutdown::{self, Phase, Shutdown};
-use crate::transport::{Listener, TransportSpec};
+use crate::transport::{Listener, SessionSource, TransportSpec};
 
 /// How long running requests may take to finish after SIGTERM.
 pub const GRACE_PERIOD: Duration = Duration::from_secs(5);
@@ -183,9 +183,6 @@ async fn wait_for_signal() -> io::Result<&'static str> {
     }
 }
 
-// Where no transport exists yet (Windows), every spec takes the last arm and
-// the task set and shutdown handle go unused.
-#[cfg_attr(not(unix), allow(unused_variables))]
 fn start_transport(
     ctx: &Arc<Context>,
     spec: TransportSpec,
@@ -220,26 +217,32 @@ fn start_transport(
         }
         #[cfg(target_os = "linux")]
         TransportSpec::VirtioSerial(name) => {
-            let mut t = crate::transport::virtio_serial::VirtioSerialTransport::new(name);
-            let ctx = ctx.clone();
-            tasks.spawn(async move {
-                // One host at a time: serve each session to its end, then
-                // wait for the next.
-                loop {
-                    let conn = tokio::select! {
-                        biased;
-                        _ = shutdown.reached(Phase::Draining) => return,
-                        c = t.accept() => c,
-                    };
-                    match conn {
-                        Ok(conn) => front.serve(ctx.clone(), conn).await,
-                        Err(e) => {
-                            log::error!("{spec}: {e}; retrying");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                    }
+            let t = crate::transport::virtio_serial::VirtioSerialTransport::new(name);
+            tasks.spawn(serve_sessions(ctx.clone(), shutdown, spec, front, t));
+            Ok(())
+        }
+        #[cfg(windows)]
+        TransportSpec::VirtioSerial(name) => {
+            let t = crate::transport::windows_port::PortTransport::virtio_serial(name);
+            tasks.spawn(serve_sessions(ctx.clone(), shutdown, spec, front, t));
+            Ok(())
+        }
+        #[cfg(windows)]
+        TransportSpec::Com(port) => {
+            let t = crate::transport::windows_port::PortTransport::com(port);
+            tasks.spawn(serve_sessions(ctx.clone(), shutdown, spec, front, t));
+            Ok(())
+        }
+        #[cfg(windows)]
+        TransportSpec::Pipe(name) => {
+            let t = crate::transport::named_pipe::PipeTransport::bind(name).map_err(|source| {
+                ServerError::Bind {
+                    spec: spec.clone(),
+                    source,
                 }
-            });
+            })?;
+            log::info!("listening on {spec}");
+            tasks.spawn(serve_listener(ctx.clone(), shutdown, spec, front, t));
             Ok(())
         }
         #[allow(unreachable_patterns)]
@@ -247,10 +250,33 @@ fn start_transport(
     }
 }
 
+/// One host at a time (a virtio-serial or serial port): serve each session
+/// to its end, then wait for the next, until shutdown.
+async fn serve_sessions<S: SessionSource>(
+    ctx: Arc<Context>,
+    shutdown: Shutdown,
+    spec: TransportSpec,
+    front: FrontEnd,
+    mut source: S,
+) {
+    loop {
+        let conn = tokio::select! {
+            biased;
+            _ = shutdown.reached(Phase::Draining) => return,
+            c = source.accept() => c,
+        };
+        match conn {
+            Ok(conn) => front.serve(ctx.clone(), conn).await,
+            Err(e) => {
+                log::error!("{spec}: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
 /// Accept connections until shutdown, serving each in its own task, at most
 /// `limits.max_connections` at once (beyond: one `busy` error, then close).
-// No listening transport exists on Windows yet (named pipes will use this).
-#[cfg_attr(not(unix), allow(dead_code))]
 async fn serve_listener<L: Listener>(
     ctx: Arc<Context>,
     shutdown: Shutdown,

@@ -256,6 +256,8 @@ impl Origin {
             Peer::VirtioSerial { .. } => "virtio-serial",
             Peer::Vsock { .. } => "vsock",
             Peer::Unix { .. } => "unix",
+            Peer::Pipe { .. } => "pipe",
+            Peer::Com { .. } => "com",
         };
         static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
         Self {

@@ -4,18 +4,27 @@
 //! - [`vsock`]: an AF_VSOCK listener; several hosts at once.
 //! - [`virtio_serial`]: the guest side of a virtio-serial port; one host at a
 //!   time, appearing and disappearing as the host side opens and closes it.
+//! - `named_pipe` (Windows): a named-pipe listener (`pipe:NAME`), the
+//!   Windows counterpart of the unix socket; several clients at once.
+//! - `windows_port` (Windows): the virtio-serial port of virtio-win's vioser
+//!   driver (`virtio-serial[:NAME_OR_PATH]`) and the COM-port fallback
+//!   (`com:COMn`); one host at a time, like the Linux port.
 //!
 //! Every transport produces [`Connection`]s: a byte stream plus who is on the
 //! other end. The rest of the agent never sees which transport it was.
 
 #[cfg(target_os = "linux")]
 pub(crate) mod fd_stream;
+#[cfg(windows)]
+pub mod named_pipe;
 #[cfg(unix)]
 pub mod unix;
 #[cfg(target_os = "linux")]
 pub mod virtio_serial;
 #[cfg(target_os = "linux")]
 pub mod vsock;
+#[cfg(windows)]
+pub mod windows_port;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -38,16 +47,30 @@ pub enum TransportSpec {
     Vsock(u32),
     /// `unix:PATH`.
     Unix(PathBuf),
+    /// `pipe:NAME` or `pipe:\\.\pipe\NAME` (Windows): always held in the
+    /// full `\\.\pipe\NAME` form.
+    Pipe(String),
+    /// `com:COMn` (Windows): a serial port, held as `COMn` in capitals.
+    Com(String),
 }
+
+/// The prefix of local named pipes.
+pub const PIPE_PREFIX: &str = r"\\.\pipe\";
 
 /// A transport spec that cannot be parsed.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     /// Not one of the known forms.
     #[error(
-        "unknown transport {0:?}: expected virtio-serial[:NAME_OR_PATH], vsock[:PORT] or unix:PATH"
+        "unknown transport {0:?}: expected virtio-serial[:NAME_OR_PATH], vsock[:PORT], unix:PATH, pipe:NAME or com:COMn"
     )]
     Unknown(String),
+    /// `pipe:` with an empty or malformed name.
+    #[error(r"invalid pipe name {0:?}: expected pipe:NAME or pipe:\\.\pipe\NAME (NAME without backslashes)")]
+    BadPipeName(String),
+    /// `com:` with something that is not `COM1` to `COM255`.
+    #[error("invalid serial port {0:?}: expected COM1 to COM255")]
+    BadComPort(String),
     /// `vsock:` with something that is not a port number.
     #[error("invalid vsock port {0:?}: expected a number between 1 and 4294967294")]
     BadPort(String),
@@ -74,6 +97,10 @@ impl FromStr for TransportSpec {
             },
             ("unix", Some(r)) if !r.is_empty() => Ok(Self::Unix(PathBuf::from(r))),
             ("unix", _) => Err(SpecError::MissingPath),
+            ("pipe", Some(r)) => parse_pipe_name(r).map(Self::Pipe),
+            ("pipe", None) => Err(SpecError::BadPipeName(String::new())),
+            ("com", Some(r)) => parse_com_port(r).map(Self::Com),
+            ("com", None) => Err(SpecError::BadComPort(String::new())),
             _ => Err(SpecError::Unknown(s.to_owned())),
         }
     }
@@ -85,7 +112,41 @@ impl fmt::Display for TransportSpec {
             Self::VirtioSerial(n) => write!(f, "virtio-serial:{n}"),
             Self::Vsock(p) => write!(f, "vsock:{p}"),
             Self::Unix(p) => write!(f, "unix:{}", p.display()),
+            Self::Pipe(p) => write!(f, "pipe:{p}"),
+            Self::Com(p) => write!(f, "com:{p}"),
         }
+    }
+}
+
+/// `NAME` or `\\.\pipe\NAME` to the full form. Pipe names may hold any
+/// character but a backslash; the prefix is compared without regard to case,
+/// as Windows does.
+fn parse_pipe_name(r: &str) -> Result<String, SpecError> {
+    let bad = || SpecError::BadPipeName(r.to_owned());
+    let name = match r.get(..PIPE_PREFIX.len()) {
+        Some(p) if p.eq_ignore_ascii_case(PIPE_PREFIX) => &r[PIPE_PREFIX.len()..],
+        _ => r,
+    };
+    // Windows limits the whole path to 256 characters.
+    if name.is_empty() || name.contains('\\') || PIPE_PREFIX.len() + name.len() > 256 {
+        return Err(bad());
+    }
+    Ok(format!("{PIPE_PREFIX}{name}"))
+}
+
+/// `COMn` (any case) with n from 1 to 255, to `COMn` in capitals.
+fn parse_com_port(r: &str) -> Result<String, SpecError> {
+    let bad = || SpecError::BadComPort(r.to_owned());
+    let digits = match r.get(..3) {
+        Some(p) if p.eq_ignore_ascii_case("COM") => &r[3..],
+        _ => return Err(bad()),
+    };
+    if digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    match digits.parse::<u8>() {
+        Ok(n) if n >= 1 => Ok(format!("COM{n}")),
+        _ => Err(bad()),
     }
 }
 
@@ -111,6 +172,17 @@ pub enum Peer {
         /// User id.
         uid: Option<u32>,
     },
+    /// A named-pipe client (Windows), with its process id when the OS
+    /// reports it.
+    Pipe {
+        /// Process id.
+        pid: Option<u32>,
+    },
+    /// The host at the other end of a serial port (Windows `com:`).
+    Com {
+        /// The port, as in `COM2`.
+        port: String,
+    },
 }
 
 impl fmt::Display for Peer {
@@ -128,6 +200,9 @@ impl fmt::Display for Peer {
                 }
                 Ok(())
             }
+            Self::Pipe { pid: Some(pid) } => write!(f, "named pipe client pid {pid}"),
+            Self::Pipe { pid: None } => write!(f, "named pipe client"),
+            Self::Com { port } => write!(f, "serial port {port}"),
         }
     }
 }
@@ -140,6 +215,13 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 pub trait Listener: Send + Sync + 'static {
     /// Wait for the next host.
     fn accept(&self) -> impl std::future::Future<Output = std::io::Result<Connection>> + Send;
+}
+
+/// A transport that serves one host at a time (virtio-serial, serial
+/// ports): `accept` returns the next session once the previous one ended.
+pub trait SessionSource: Send + 'static {
+    /// Wait for the next host session.
+    fn accept(&mut self) -> impl std::future::Future<Output = std::io::Result<Connection>> + Send;
 }
 
 /// One host connection, as a transport hands it over.
@@ -182,6 +264,20 @@ mod tests {
                 "unix:/run/a.sock",
                 TransportSpec::Unix("/run/a.sock".into()),
             ),
+            (
+                "pipe:kvm-manager-agent",
+                TransportSpec::Pipe(r"\\.\pipe\kvm-manager-agent".into()),
+            ),
+            (
+                r"pipe:\\.\pipe\a b.c",
+                TransportSpec::Pipe(r"\\.\pipe\a b.c".into()),
+            ),
+            (
+                r"virtio-serial:\\.\Global\org.example.0",
+                TransportSpec::VirtioSerial(r"\\.\Global\org.example.0".into()),
+            ),
+            ("com:COM2", TransportSpec::Com("COM2".into())),
+            ("com:com255", TransportSpec::Com("COM255".into())),
         ] {
             assert_eq!(text.parse::<TransportSpec>().unwrap(), spec);
             assert_eq!(spec.to_string().parse::<TransportSpec>().unwrap(), spec);
@@ -196,8 +292,43 @@ mod tests {
             "unix:",
             "unix",
             "virtio-serial:",
+            "pipe",
+            "pipe:",
+            r"pipe:\\.\pipe\",
+            r"pipe:a\b",
+            r"pipe:\\.\pipe\a\b",
+            r"pipe:\\server\pipe\x",
+            "com",
+            "com:",
+            "com:COM0",
+            "com:COM256",
+            "com:COM02",
+            "com:COM",
+            "com:COM1x",
+            "com:LPT1",
+            r"com:\\.\COM1",
         ] {
             assert!(bad.parse::<TransportSpec>().is_err(), "{bad:?}");
         }
+        let long = format!("pipe:{}", "x".repeat(256 - PIPE_PREFIX.len()));
+        assert!(long.parse::<TransportSpec>().is_ok());
+        let too_long = format!("pipe:{}", "x".repeat(257 - PIPE_PREFIX.len()));
+        assert!(too_long.parse::<TransportSpec>().is_err());
+    }
+
+    #[test]
+    fn peers_describe_themselves() {
+        assert_eq!(
+            Peer::Pipe { pid: Some(42) }.to_string(),
+            "named pipe client pid 42"
+        );
+        assert_eq!(Peer::Pipe { pid: None }.to_string(), "named pipe client");
+        assert_eq!(
+            Peer::Com {
+                port: "COM2".into()
+            }
+            .to_string(),
+            "serial port COM2"
+        );
     }
 }

@@ -111,6 +111,12 @@ impl VirtioSerialTransport {
     }
 }
 
+impl super::SessionSource for VirtioSerialTransport {
+    async fn accept(&mut self) -> io::Result<Connection> {
+        VirtioSerialTransport::accept(self).await
+    }
+}
+
 impl Port {
     fn open(path: &Path) -> io::Result<Self> {
         let c = CString::new(path.as_os_str().as_bytes())
