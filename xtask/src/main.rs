@@ -50,6 +50,8 @@ Commands:
                        Run cargo for the Windows target (Debian's toolchain,
                        mingw-w64, tests under Wine; see README \"Building for
                        Windows\"), e.g. `windows-cargo build -p kvm-manager-agent`
+  windows-msi          Build the MSI and install, upgrade and uninstall it
+                       under Wine (the last part of `test windows`)
   fuzz [--seconds N] [TARGET]...
                        Run the cargo-fuzz targets of fuzz/ (nightly toolchain),
                        each for N seconds (default 600), one after the other
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         Some("vm-test") => vm::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
         Some("windows-cargo") => windows::run(&args[1..]),
+        Some("windows-msi") => windows::msi::run(),
         Some(other) => Err(format!(
             "unknown command `{other}` (run `cargo xtask help`)"
         )),

@@ -24,6 +24,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod msi;
+
 use crate::ensure::Need;
 use crate::test::Report;
 use crate::{cmd, Result};
@@ -37,6 +39,8 @@ pub const NEEDS: &[Need] = &[
     Need::Apt("gcc-mingw-w64-x86-64"),
     Need::Apt("wine"),
     Need::Apt("wine64"),
+    // wixl builds the MSI (`msi`).
+    Need::Apt("wixl"),
 ];
 
 /// The Rust target.
@@ -222,7 +226,8 @@ fn package_args(cmd: &mut Command) {
 }
 
 /// The `windows` step of `cargo xtask test`: clippy with warnings as errors
-/// for the Windows target, then the tests under Wine.
+/// for the Windows target, then the tests under Wine, then the MSI installed,
+/// upgraded and removed under Wine ([`msi::check`]).
 pub fn step(report: &mut Report) -> Result {
     let windows = Windows::prepare()?;
 
@@ -240,7 +245,8 @@ pub fn step(report: &mut Report) -> Result {
         suite.label = format!("windows: {}", suite.label);
     }
     let traced = event_log_trace(&windows, report);
-    let failures: Vec<String> = [linted, tested, traced]
+    let installed = msi::check(&windows, report);
+    let failures: Vec<String> = [linted, tested, traced, installed]
         .into_iter()
         .filter_map(|r| r.err())
         .collect();

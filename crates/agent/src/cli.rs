@@ -21,6 +21,9 @@ pub struct Args {
     pub qga_transports: Vec<TransportSpec>,
     /// `--log-level LEVEL`: replaces the configured level.
     pub log_level: Option<String>,
+    /// `--service`: run under the Windows Service Control Manager (the
+    /// service installed by the MSI passes it; Windows only).
+    pub service: bool,
     /// `--version`.
     pub version: bool,
     /// `--help`.
@@ -63,7 +66,8 @@ USAGE:
 
 OPTIONS:
     --config PATH       Configuration file
-                        [default: /etc/kvm-manager-agent/config.toml, if present]
+                        [default: /etc/kvm-manager-agent/config.toml, if present;
+                        on Windows %ProgramData%\\KVM Manager Agent\\config.toml]
     --check-config      Validate the configuration, print the result, exit
     --transport SPEC    Where to serve; repeat for several. Replaces
                         [agent] transports from the configuration:
@@ -79,6 +83,9 @@ OPTIONS:
                         forms; repeat for several). Replaces [qga] from the
                         configuration. See docs/qga-compat.md.
     --log-level LEVEL   error, warn, info, debug or trace [default: info]
+    --service           Windows only: run as the service kvm-manager-agent,
+                        started by the Service Control Manager (logs go to
+                        the Event Log); the MSI installs it so
     --version           Print the version and exit
     --help              Print this help and exit
 
@@ -134,6 +141,7 @@ impl Args {
                     out.qga_transports.push(spec);
                 }
                 "--log-level" => out.log_level = Some(value("--log-level")?),
+                "--service" => out.service = true,
                 "--version" | "-V" => out.version = true,
                 "--help" | "-h" => out.help = true,
                 _ => return Err(ArgsError::Unknown(arg)),
@@ -174,6 +182,8 @@ mod tests {
             ]
         );
         assert!(a.check_config);
+        assert!(!a.service);
+        assert!(parse(&["--service"]).unwrap().service);
         assert_eq!(parse(&[]).unwrap(), Args::default());
     }
 

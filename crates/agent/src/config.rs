@@ -1,4 +1,6 @@
-//! The configuration file, `/etc/kvm-manager-agent/config.toml`.
+//! The configuration file: `/etc/kvm-manager-agent/config.toml` on Linux,
+//! `%ProgramData%\KVM Manager Agent\config.toml` on Windows
+//! ([`default_config_path`]).
 //!
 //! Every key is optional and has a safe default; unknown keys are errors, and
 //! each validation error names the key. `kvm-manager-agent --check-config`
@@ -12,8 +14,71 @@ use serde::{Deserialize, Serialize};
 
 use crate::transport::TransportSpec;
 
-/// Where the agent looks for its configuration when `--config` is not given.
+/// Where the agent looks for its configuration on Linux when `--config` is
+/// not given (see [`default_config_path`] for every platform).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kvm-manager-agent/config.toml";
+
+/// The folder under `%ProgramData%` that holds the Windows configuration
+/// (the MSI installs the default file there).
+pub const WINDOWS_CONFIG_DIR: &str = "KVM Manager Agent";
+
+/// Where the agent looks for its configuration when `--config` is not
+/// given: [`DEFAULT_CONFIG_PATH`] on Linux; on Windows `config.toml` in
+/// [`WINDOWS_CONFIG_DIR`] under the ProgramData known folder (where the MSI's
+/// `CommonAppDataFolder` points; `C:\ProgramData` normally).
+pub fn default_config_path() -> PathBuf {
+    #[cfg(windows)]
+    {
+        program_data().join(WINDOWS_CONFIG_DIR).join("config.toml")
+    }
+    #[cfg(not(windows))]
+    {
+        PathBuf::from(DEFAULT_CONFIG_PATH)
+    }
+}
+
+/// The ProgramData folder, from `SHGetKnownFolderPath` rather than the
+/// `%ProgramData%` variable: a service's environment may say otherwise
+/// (Wine gives services `C:\users\Public`). The variable, then
+/// `C:\ProgramData`, only if the call fails.
+#[cfg(windows)]
+fn program_data() -> PathBuf {
+    use std::os::windows::ffi::OsStringExt;
+    use windows_sys::Win32::System::Com::CoTaskMemFree;
+    use windows_sys::Win32::UI::Shell::{
+        FOLDERID_ProgramData, SHGetKnownFolderPath, KF_FLAG_DEFAULT,
+    };
+    let mut path: *mut u16 = std::ptr::null_mut();
+    // SAFETY: FOLDERID_ProgramData is a valid known-folder id; a null token
+    // means this process's; `path` receives a string we free below.
+    let hr = unsafe {
+        SHGetKnownFolderPath(
+            &FOLDERID_ProgramData,
+            KF_FLAG_DEFAULT as u32,
+            std::ptr::null_mut(),
+            &mut path,
+        )
+    };
+    let found = if hr >= 0 && !path.is_null() {
+        // SAFETY: on success `path` is a NUL-terminated UTF-16 string.
+        let len = (0..).take_while(|&i| unsafe { *path.add(i) } != 0).count();
+        // SAFETY: `len` units before the NUL are readable.
+        let units = unsafe { std::slice::from_raw_parts(path, len) };
+        Some(PathBuf::from(std::ffi::OsString::from_wide(units)))
+    } else {
+        None
+    };
+    // SAFETY: `path` came from SHGetKnownFolderPath (CoTaskMemFree accepts
+    // null too) and is not used after this.
+    unsafe { CoTaskMemFree(path.cast()) };
+    found
+        .or_else(|| {
+            std::env::var_os("ProgramData")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from(r"C:\ProgramData"))
+}
 
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -960,6 +1025,38 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn default_path_per_platform() {
+        let path = default_config_path();
+        if cfg!(windows) {
+            // Under the tests' own environment the variable and the known
+            // folder agree.
+            let data = std::env::var_os("ProgramData").expect("ProgramData is set");
+            assert!(path.starts_with(&data), "{}", path.display());
+            assert!(
+                path.ends_with(Path::new(WINDOWS_CONFIG_DIR).join("config.toml")),
+                "{}",
+                path.display()
+            );
+        } else {
+            assert_eq!(path, Path::new(DEFAULT_CONFIG_PATH));
+        }
+    }
+
+    /// The file the MSI installs (packaging/windows/config.toml) is valid
+    /// and serves the virtio-serial port and the local named pipe.
+    #[test]
+    fn the_windows_config_is_valid() {
+        let c = parse(include_str!("../../../packaging/windows/config.toml")).unwrap();
+        assert_eq!(
+            c.agent.transports,
+            ["virtio-serial", "pipe:kvm-manager-agent"]
+        );
+        assert_eq!(c.audit.destination, AuditDestination::Auto);
+        assert!(!c.security.enable_exec);
+        assert!(c.security.allowed_file_paths.is_empty());
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //!
 //! [`files`] holds the path rules, the race-free resolver and the handle
 //! table of file transfer. [`server`] starts the transports and stops
-//! cleanly on SIGTERM;
+//! cleanly on SIGTERM (or, as a Windows service, on the SCM's stop:
+//! [`service`]);
 //! [`config`] reads and validates the configuration file.
 
 pub mod audit;
@@ -35,6 +36,7 @@ pub mod platform;
 pub mod policy;
 pub mod qga;
 pub mod server;
+pub mod service;
 pub mod shutdown;
 pub mod transport;
 

@@ -1,6 +1,8 @@
 //! Start-up and shutdown: bind the transports, serve connections, and stop
-//! cleanly on SIGTERM or SIGINT.
+//! cleanly on SIGTERM or SIGINT ([`run`]), or when a stop future resolves
+//! ([`run_until`]: the Windows service's STOP, SHUTDOWN and PRESHUTDOWN).
 
+use std::future::Future;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -41,7 +43,7 @@ pub enum ServerError {
     /// A key file of `[security]` is unusable.
     #[error(transparent)]
     Auth(#[from] crate::auth::KeyFileError),
-    /// Signal handlers could not be installed.
+    /// Signal handlers (or the stop future) could not be set up.
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
 }
@@ -71,18 +73,41 @@ pub fn run(
     transports: Vec<TransportSpec>,
     qga_transports: Vec<TransportSpec>,
 ) -> Result<(), ServerError> {
+    run_until(config, transports, qga_transports, wait_for_signal(), || {})
+}
+
+/// Like [`run`], but stop when `stop` resolves (its `Ok` value names the
+/// cause in the log, as "SIGTERM" does) instead of on signals; `ready` is
+/// called once every transport is set up. The same graceful drain follows.
+pub fn run_until<S, R>(
+    config: Config,
+    transports: Vec<TransportSpec>,
+    qga_transports: Vec<TransportSpec>,
+    stop: S,
+    ready: R,
+) -> Result<(), ServerError>
+where
+    S: Future<Output = io::Result<&'static str>>,
+    R: FnOnce(),
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(ServerError::Runtime)?;
-    runtime.block_on(serve(config, transports, qga_transports))
+    runtime.block_on(serve(config, transports, qga_transports, stop, ready))
 }
 
-async fn serve(
+async fn serve<S, R>(
     config: Config,
     transports: Vec<TransportSpec>,
     qga_transports: Vec<TransportSpec>,
-) -> Result<(), ServerError> {
+    stop: S,
+    ready: R,
+) -> Result<(), ServerError>
+where
+    S: Future<Output = io::Result<&'static str>>,
+    R: FnOnce(),
+{
     let (controller, shutdown) = shutdown::channel();
     let auth = crate::auth::Authenticator::from_config(&config.security)?;
     if auth.is_enabled() {
@@ -109,8 +134,9 @@ async fn serve(
         crate::AGENT_VERSION,
         kvm_agent_protocol::PROTOCOL_VERSION
     );
+    ready();
 
-    let signal = wait_for_signal().await.map_err(ServerError::Signals)?;
+    let signal = stop.await.map_err(ServerError::Signals)?;
     log::info!("{signal}: finishing running requests (up to {GRACE_PERIOD:?})");
     let in_flight = |ctx: &Context| {
         ctx.config.limits.max_requests_total as usize - ctx.request_slots.available_permits()

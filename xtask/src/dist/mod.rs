@@ -11,6 +11,9 @@
 //! - the tarball with `install.sh` and `uninstall.sh` ([`tarball`]);
 //! - the man pages ([`man`]) and the shell completions, also shipped on
 //!   their own;
+//! - the Windows agent, `kvm-manager-agent.exe` (release, static C runtime:
+//!   checked to import system DLLs only), and its MSI,
+//!   `kvm-manager-agent-VERSION-x64.msi` (wixl; [`crate::windows::msi`]);
 //! - `SHA256SUMS`.
 //!
 //! The files the packages install come from `packaging/` and the crates; see
@@ -53,7 +56,8 @@ Usage: cargo xtask dist
 
 Builds every artifact into target/dist/: the static agent, kvm-agent-ctl,
 their .deb and .rpm packages, the agent's tarball (install.sh,
-uninstall.sh), the man pages, the shell completions and SHA256SUMS.
+uninstall.sh), the man pages, the shell completions, the Windows agent
+(kvm-manager-agent.exe) and its MSI, and SHA256SUMS.
 ";
 
 /// What `dist` produced.
@@ -161,6 +165,7 @@ pub fn build() -> Result<Dist> {
     let agent_rpm = rpm::agent(&files, &version, &dir)?;
     let ctl_rpm = rpm::ctl(&files, &version, &dir)?;
     let tarball = tarball::build(&files, &version, &dir)?;
+    windows_artifacts(&version, &dir)?;
 
     let dist = Dist {
         dir,
@@ -300,6 +305,14 @@ fn check_agent_binary(path: &Path) -> Result<Vec<u8>> {
         ));
     }
     Ok(bytes)
+}
+
+/// The Windows release exe and its MSI, into `dir`.
+fn windows_artifacts(version: &str, dir: &Path) -> Result {
+    ensure::all(crate::windows::NEEDS)?;
+    let windows = crate::windows::Windows::prepare()?;
+    let built = crate::windows::msi::build(&windows, version, dir)?;
+    write(&dir.join(format!("{AGENT}.exe")), &read(&built.exe)?, 0o644)
 }
 
 /// `kvm-agent-ctl`, an ordinary release build for hosts.

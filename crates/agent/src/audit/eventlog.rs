@@ -82,19 +82,34 @@ impl Sink for EventLog {
     }
 
     fn write(&self, record: &AuditRecord) -> io::Result<()> {
-        let strings = Self::strings(record).map(|s| wide(&s));
-        let pointers = [strings[0].as_ptr(), strings[1].as_ptr()];
-        // SAFETY: `handle` is a live event source; `pointers` holds two
+        let [summary, json] = Self::strings(record);
+        self.report(Self::event_type(record), EVENT_ID, &[&summary, &json])
+    }
+}
+
+impl EventLog {
+    /// Write one event of `event_type` (`EVENTLOG_*_TYPE`) and `event_id`
+    /// with these strings (each cut to what one event string may hold).
+    /// The service's log lines use it too ([`crate::logging`]).
+    pub fn report(&self, event_type: u16, event_id: u32, strings: &[&str]) -> io::Result<()> {
+        let strings: Vec<Vec<u16>> = strings
+            .iter()
+            .map(|s| wide(&cap_units((*s).to_owned())))
+            .collect();
+        let pointers: Vec<*const u16> = strings.iter().map(|s| s.as_ptr()).collect();
+        let count = u16::try_from(pointers.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many event strings"))?;
+        // SAFETY: `handle` is a live event source; `pointers` holds `count`
         // NUL-terminated UTF-16 strings that outlive the call; no user SID
         // and no raw data.
         let ok = unsafe {
             ReportEventW(
                 self.handle,
-                Self::event_type(record),
+                event_type,
                 0,
-                EVENT_ID,
+                event_id,
                 std::ptr::null_mut(),
-                pointers.len() as u16,
+                count,
                 0,
                 pointers.as_ptr(),
                 std::ptr::null(),
