@@ -609,9 +609,19 @@ mod tests {
         TempService(ScHandle(service))
     }
 
+    /// Wine's service manager has failed a call with "invalid handle" when
+    /// two tests talked to it at once: these tests take turns.
+    static SCM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn recovery_actions_hold() {
-        let name = format!("kvm-manager-agent-test-{}", std::process::id());
+        let _turn = SCM.lock().unwrap_or_else(|e| e.into_inner());
+        // Unique per run: Wine reuses small process ids, and a service left
+        // by an interrupted run would make CreateServiceW fail.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!("kvm-manager-agent-test-{}-{nanos}", std::process::id());
         let _service = create(&name);
         let non_crash = set_recovery_actions(&name).unwrap();
         match recovery_actions(&name) {
@@ -631,6 +641,7 @@ mod tests {
 
     #[test]
     fn recovery_actions_of_a_missing_service() {
+        let _turn = SCM.lock().unwrap_or_else(|e| e.into_inner());
         let e = set_recovery_actions("kvm-manager-agent-no-such-service").unwrap_err();
         assert!(
             matches!(
