@@ -189,27 +189,21 @@ fn start_transport(
     tasks: &mut JoinSet<()>,
 ) -> Result<(), ServerError> {
     let shutdown = ctx.shutdown.clone();
+    let bind_error = |source| ServerError::Bind {
+        spec: spec.clone(),
+        source,
+    };
     match &spec {
         #[cfg(unix)]
         TransportSpec::Unix(path) => {
-            let t = crate::transport::unix::UnixTransport::bind(path).map_err(|source| {
-                ServerError::Bind {
-                    spec: spec.clone(),
-                    source,
-                }
-            })?;
+            let t = crate::transport::unix::UnixTransport::bind(path).map_err(bind_error)?;
             log::info!("listening on {spec}");
             tasks.spawn(serve_listener(ctx.clone(), shutdown, spec, front, t));
             Ok(())
         }
         #[cfg(target_os = "linux")]
         TransportSpec::Vsock(port) => {
-            let t = crate::transport::vsock::VsockTransport::bind(*port).map_err(|source| {
-                ServerError::Bind {
-                    spec: spec.clone(),
-                    source,
-                }
-            })?;
+            let t = crate::transport::vsock::VsockTransport::bind(*port).map_err(bind_error)?;
             log::info!("listening on {spec}");
             tasks.spawn(serve_listener(ctx.clone(), shutdown, spec, front, t));
             Ok(())
@@ -234,12 +228,7 @@ fn start_transport(
         }
         #[cfg(windows)]
         TransportSpec::Pipe(name) => {
-            let t = crate::transport::named_pipe::PipeTransport::bind(name).map_err(|source| {
-                ServerError::Bind {
-                    spec: spec.clone(),
-                    source,
-                }
-            })?;
+            let t = crate::transport::named_pipe::PipeTransport::bind(name).map_err(bind_error)?;
             log::info!("listening on {spec}");
             tasks.spawn(serve_listener(ctx.clone(), shutdown, spec, front, t));
             Ok(())

@@ -799,21 +799,14 @@ mod windows_tests {
     use super::*;
     use crate::audit::{Auditor, Origin};
     use crate::config::Config;
+    use crate::platform::test_support::{ends_within, libtest_name, open_process};
     use kvm_agent_protocol::methods::exec::Signal;
-    use std::os::windows::io::{AsRawHandle, FromRawHandle, OwnedHandle, RawHandle};
-    use windows_sys::Win32::Foundation::{HANDLE, WAIT_OBJECT_0};
-    use windows_sys::Win32::System::Threading::{
-        OpenProcess, WaitForSingleObject, PROCESS_QUERY_LIMITED_INFORMATION, PROCESS_SYNCHRONIZE,
-    };
 
     const ROLE: &str = "KVA_TEST_EXEC_ROLE";
     const WHOAMI: &str = r"C:\Windows\System32\whoami.exe";
 
-    /// The libtest name of test `name` of this module.
     fn test_path(name: &str) -> String {
-        let module = module_path!();
-        let module = module.split_once("::").map_or(module, |(_, m)| m);
-        format!("{module}::{name}")
+        libtest_name(module_path!(), name)
     }
 
     /// The tests below run this test executable through exec, filtered to
@@ -919,21 +912,7 @@ mod windows_tests {
 
     /// Whether process `pid` is gone (or ends within 10 s).
     fn gone(pid: u32) -> bool {
-        // SAFETY: OpenProcess takes plain values.
-        let h = unsafe {
-            OpenProcess(
-                PROCESS_SYNCHRONIZE | PROCESS_QUERY_LIMITED_INFORMATION,
-                0,
-                pid,
-            )
-        };
-        if h.is_null() {
-            return true;
-        }
-        // SAFETY: a new handle owned by nobody else.
-        let h = unsafe { OwnedHandle::from_raw_handle(h as RawHandle) };
-        // SAFETY: the handle is open with SYNCHRONIZE.
-        unsafe { WaitForSingleObject(h.as_raw_handle() as HANDLE, 10_000) == WAIT_OBJECT_0 }
+        open_process(pid).is_none_or(|h| ends_within(&h, 10_000))
     }
 
     fn grandchild(stdout: &str) -> u32 {

@@ -25,6 +25,8 @@ pub use perf::{cpu_times, disk_counters, fs_stats, load_average, memory, mounts,
 pub use power::{
     forced as power_forced, graceful as power_graceful, graceful_command as power_graceful_command,
 };
+#[cfg(test)]
+pub(crate) use process::test_support;
 pub use process::{
     current_uid, exit_parts, isolate, lookup_uid, lookup_user, signal_number, ProcessTree, UserIds,
     KILLED_EXIT_CODE, SIGKILL,

@@ -247,25 +247,63 @@ fn resume_threads(pid: u32) -> Result<(), PlatformError> {
     Ok(())
 }
 
+/// What the tests of processes on Windows share: naming a test to run the
+/// test executable as, and waiting for processes by pid.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::{Duration, Instant};
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    use windows_sys::Win32::Foundation::{WAIT_OBJECT_0, WAIT_TIMEOUT};
+pub(crate) mod test_support {
+    use std::os::windows::io::{AsRawHandle, FromRawHandle, OwnedHandle, RawHandle};
+
+    use windows_sys::Win32::Foundation::{HANDLE, WAIT_OBJECT_0, WAIT_TIMEOUT};
     use windows_sys::Win32::System::Threading::{
         OpenProcess, WaitForSingleObject, PROCESS_QUERY_LIMITED_INFORMATION, PROCESS_SYNCHRONIZE,
     };
 
-    /// What a tree test asks this test executable to be when it runs it.
-    const ROLE: &str = "KVA_TEST_TREE_ROLE";
-
-    /// The libtest name of test `name` of this module.
-    fn test_path(name: &str) -> String {
-        let module = module_path!();
+    /// The libtest name of test `name` in the module whose `module_path!()`
+    /// is `module` (libtest names leave out the crate).
+    pub fn libtest_name(module: &str, name: &str) -> String {
         let module = module.split_once("::").map_or(module, |(_, m)| m);
         format!("{module}::{name}")
     }
+
+    /// A handle to wait for process `pid`, if it still exists.
+    pub fn open_process(pid: u32) -> Option<OwnedHandle> {
+        // SAFETY: OpenProcess takes plain values.
+        let h = unsafe {
+            OpenProcess(
+                PROCESS_SYNCHRONIZE | PROCESS_QUERY_LIMITED_INFORMATION,
+                0,
+                pid,
+            )
+        };
+        // SAFETY: a new handle owned by nobody else.
+        (!h.is_null()).then(|| unsafe { OwnedHandle::from_raw_handle(h as RawHandle) })
+    }
+
+    /// Whether the process ends within `ms`.
+    pub fn ends_within(process: &OwnedHandle, ms: u32) -> bool {
+        // SAFETY: the handle is open with SYNCHRONIZE.
+        match unsafe { WaitForSingleObject(process.as_raw_handle() as HANDLE, ms) } {
+            WAIT_OBJECT_0 => true,
+            WAIT_TIMEOUT => false,
+            other => panic!("WaitForSingleObject: {other}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{ends_within, libtest_name, open_process as existing};
+    use super::*;
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    /// A handle to wait for process `pid`, which must exist.
+    fn open_process(pid: u32) -> OwnedHandle {
+        existing(pid).unwrap_or_else(|| panic!("process {pid} not found"))
+    }
+
+    /// What a tree test asks this test executable to be when it runs it.
+    const ROLE: &str = "KVA_TEST_TREE_ROLE";
 
     /// The tree tests run this test executable, filtered to the test itself,
     /// as the processes of a tree (`parent`: start a `sleeper` grandchild,
@@ -279,7 +317,7 @@ mod tests {
                 let mut grandchild = std::process::Command::new(exe)
                     .args([
                         "--exact",
-                        &test_path(test),
+                        &libtest_name(module_path!(), test),
                         "--nocapture",
                         "--test-threads=1",
                     ])
@@ -312,7 +350,7 @@ mod tests {
         let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
         cmd.args([
             "--exact",
-            &test_path(test),
+            &libtest_name(module_path!(), test),
             "--nocapture",
             "--test-threads=1",
         ])
@@ -338,31 +376,6 @@ mod tests {
             if let Some((_, pid)) = line.split_once("grandchild=") {
                 return pid.trim().parse().unwrap();
             }
-        }
-    }
-
-    /// A handle to wait for process `pid`.
-    fn open_process(pid: u32) -> OwnedHandle {
-        // SAFETY: OpenProcess takes plain values.
-        let h = unsafe {
-            OpenProcess(
-                PROCESS_SYNCHRONIZE | PROCESS_QUERY_LIMITED_INFORMATION,
-                0,
-                pid,
-            )
-        };
-        assert!(!h.is_null(), "process {pid} not found");
-        // SAFETY: a new handle owned by nobody else.
-        unsafe { OwnedHandle::from_raw_handle(h as RawHandle) }
-    }
-
-    /// Whether the process ends within `ms`.
-    fn ends_within(process: &OwnedHandle, ms: u32) -> bool {
-        // SAFETY: the handle is open with SYNCHRONIZE.
-        match unsafe { WaitForSingleObject(process.as_raw_handle() as HANDLE, ms) } {
-            WAIT_OBJECT_0 => true,
-            WAIT_TIMEOUT => false,
-            other => panic!("WaitForSingleObject: {other}"),
         }
     }
 
