@@ -31,6 +31,8 @@ pub mod upload;
 #[path = "upload_windows.rs"]
 pub mod upload;
 
+#[cfg(test)]
+mod test_tree;
 #[cfg(all(test, unix))]
 mod tests;
 #[cfg(all(test, windows))]

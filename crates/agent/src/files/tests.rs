@@ -15,84 +15,9 @@ use kvm_agent_protocol::codec;
 use super::path;
 use super::resolve::{ResolveError, Resolver, Strategy};
 use super::table::{self, Progress};
+use super::test_tree::{Op, Outcome, Tree, W, WO, WP};
 use super::upload::{self, CommitError, Temp};
 use super::Reason;
-
-/// A scratch directory with an allowed root and a secret outside it.
-struct Tree {
-    base: PathBuf,
-    root: PathBuf,
-    outside: PathBuf,
-}
-
-impl Tree {
-    fn new(tag: &str) -> Tree {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let base = std::env::temp_dir().join(format!(
-            "kva-files-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&base);
-        let root = base.join("root");
-        let outside = base.join("outside");
-        std::fs::create_dir_all(&root).unwrap();
-        std::fs::create_dir_all(&outside).unwrap();
-        std::fs::write(outside.join("secret"), "outside secret").unwrap();
-        std::fs::write(root.join("file"), "inside").unwrap();
-        std::fs::create_dir(root.join("sub")).unwrap();
-        std::fs::write(root.join("sub/inner"), "inner").unwrap();
-        Tree {
-            base,
-            root,
-            outside,
-        }
-    }
-
-    fn r(&self, rel: &str) -> String {
-        format!("{}/{rel}", self.root.display())
-    }
-}
-
-impl Drop for Tree {
-    fn drop(&mut self) {
-        let mnt = self.root.join("mnt");
-        if mnt.exists() {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&mnt)
-                .status();
-        }
-        let _ = std::fs::remove_dir_all(&self.base);
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Op {
-    Read,
-    Write { overwrite: bool, parents: bool },
-}
-
-const W: Op = Op::Write {
-    overwrite: false,
-    parents: false,
-};
-const WO: Op = Op::Write {
-    overwrite: true,
-    parents: false,
-};
-const WP: Op = Op::Write {
-    overwrite: true,
-    parents: true,
-};
-
-#[derive(Debug, PartialEq, Eq)]
-enum Outcome {
-    Ok,
-    Refused(Reason),
-    NotFound,
-    Exists,
-}
 
 /// The whole path pipeline: lexical rules, then the resolver; for reads the
 /// content read must come from inside the root.

@@ -3,7 +3,6 @@
 //! `cargo xtask windows-cargo test -p kvm-manager-agent --lib -- files`).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use kvm_agent_protocol::codec;
@@ -11,77 +10,9 @@ use kvm_agent_protocol::codec;
 use super::path;
 use super::resolve::{self, ResolveError, Resolver};
 use super::table::Progress;
+use super::test_tree::{Op, Outcome, Tree, W, WO, WP};
 use super::upload::{self, CommitError, Temp};
 use super::{read_at, write_all_at, Reason};
-
-/// A scratch directory with an allowed root and a secret outside it.
-struct Tree {
-    base: PathBuf,
-    root: PathBuf,
-    outside: PathBuf,
-}
-
-impl Tree {
-    fn new(tag: &str) -> Tree {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let base = std::env::temp_dir().join(format!(
-            "kva-winfiles-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&base);
-        let root = base.join("root");
-        let outside = base.join("outside");
-        std::fs::create_dir_all(&root).unwrap();
-        std::fs::create_dir_all(&outside).unwrap();
-        std::fs::write(outside.join("secret"), "outside secret").unwrap();
-        std::fs::write(root.join("file"), "inside").unwrap();
-        std::fs::create_dir(root.join("sub")).unwrap();
-        std::fs::write(root.join("sub").join("inner"), "inner").unwrap();
-        Tree {
-            base,
-            root,
-            outside,
-        }
-    }
-
-    fn r(&self, rel: &str) -> String {
-        format!(r"{}\{rel}", self.root.display())
-    }
-}
-
-impl Drop for Tree {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.base);
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Op {
-    Read,
-    Write { overwrite: bool, parents: bool },
-}
-
-const W: Op = Op::Write {
-    overwrite: false,
-    parents: false,
-};
-const WO: Op = Op::Write {
-    overwrite: true,
-    parents: false,
-};
-const WP: Op = Op::Write {
-    overwrite: true,
-    parents: true,
-};
-
-#[derive(Debug, PartialEq, Eq)]
-enum Outcome {
-    Ok,
-    Refused(Reason),
-    NotFound,
-    Exists,
-}
 
 /// The whole path pipeline: lexical rules, then the resolver; for reads the
 /// content read must come from inside the root.
