@@ -25,6 +25,7 @@ pub mod resolve;
 #[path = "resolve_windows.rs"]
 pub mod resolve;
 pub mod table;
+pub mod temp_name;
 #[cfg(unix)]
 pub mod upload;
 #[cfg(windows)]

@@ -60,7 +60,7 @@ use super::Reason;
 
 /// Prefix of the agent's temporary files; names starting with it (in any
 /// case) are refused as targets.
-pub const TEMP_PREFIX: &str = ".kva-upload.";
+pub use super::temp_name::TEMP_PREFIX;
 
 /// A file's name in its directory.
 pub type Name = String;

@@ -20,51 +20,16 @@
 
 use std::ffi::{CStr, CString};
 use std::fs::File;
-use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 
-use super::resolve::{fstat, fstatat_nofollow, open_root, openat, ResolveError, TEMP_PREFIX};
-
-/// Suffix of the temporary files.
-pub const TEMP_SUFFIX: &str = ".tmp";
-/// How deep below an allowed directory start-up looks for stale temporaries.
-pub const STALE_SCAN_DEPTH: usize = 8;
-/// How many directory entries start-up looks at per allowed directory.
-pub const STALE_SCAN_ENTRIES: usize = 100_000;
-
-/// Whether `name` is one of the agent's temporary-file names.
-pub fn is_temp_name(name: &[u8]) -> bool {
-    let (p, s) = (TEMP_PREFIX.as_bytes(), TEMP_SUFFIX.as_bytes());
-    name.len() == p.len() + 16 + s.len()
-        && name.starts_with(p)
-        && name.ends_with(s)
-        && name[p.len()..p.len() + 16]
-            .iter()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-fn random_u64() -> u64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish()
-}
-
-/// How a commit failed.
-#[derive(Debug)]
-pub enum CommitError {
-    /// The target appeared meanwhile and `overwrite` is false.
-    Exists,
-    /// An OS call failed.
-    Io(io::Error),
-}
+use super::resolve::{fstat, fstatat_nofollow, open_root, openat, ResolveError};
+use super::temp_name::new_temp_name;
+pub use super::temp_name::{
+    is_temp_name, CommitError, STALE_SCAN_DEPTH, STALE_SCAN_ENTRIES, TEMP_SUFFIX,
+};
 
 /// A temporary file being written. Dropped without [`Temp::commit`], it is
 /// removed.
@@ -81,8 +46,7 @@ impl Temp {
     /// Create a fresh temporary file (mode 0600, locked) in `dir`.
     pub fn create(dir: Arc<OwnedFd>) -> io::Result<Temp> {
         for _ in 0..16 {
-            let name = CString::new(format!("{TEMP_PREFIX}{:016x}{TEMP_SUFFIX}", random_u64()))
-                .expect("no NUL");
+            let name = CString::new(new_temp_name()).expect("no NUL");
             match openat(
                 dir.as_raw_fd(),
                 &name,

@@ -25,7 +25,6 @@
 //!   below the root; it is deleted through that handle.
 
 use std::fs::File;
-use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::os::windows::fs::MetadataExt;
 use std::os::windows::io::{AsRawHandle, OwnedHandle};
@@ -48,48 +47,11 @@ use windows_sys::Win32::Storage::FileSystem::{
 use windows_sys::Win32::System::IO::IO_STATUS_BLOCK;
 
 use super::path::eq_ignore_case;
-use super::resolve::{
-    check_regular, create, final_path, open, open_root, Dir, ResolveError, TEMP_PREFIX,
+use super::resolve::{check_regular, create, final_path, open, open_root, Dir, ResolveError};
+use super::temp_name::new_temp_name;
+pub use super::temp_name::{
+    is_temp_name, CommitError, STALE_SCAN_DEPTH, STALE_SCAN_ENTRIES, TEMP_SUFFIX,
 };
-
-/// Suffix of the temporary files.
-pub const TEMP_SUFFIX: &str = ".tmp";
-/// How deep below an allowed directory start-up looks for stale temporaries.
-pub const STALE_SCAN_DEPTH: usize = 8;
-/// How many directory entries start-up looks at per allowed directory.
-pub const STALE_SCAN_ENTRIES: usize = 100_000;
-
-/// Whether `name` is one of the agent's temporary-file names (in any case:
-/// Windows names are case-insensitive).
-pub fn is_temp_name(name: &[u8]) -> bool {
-    let (p, s) = (TEMP_PREFIX.as_bytes(), TEMP_SUFFIX.as_bytes());
-    name.len() == p.len() + 16 + s.len()
-        && name[..p.len()].eq_ignore_ascii_case(p)
-        && name[name.len() - s.len()..].eq_ignore_ascii_case(s)
-        && name[p.len()..p.len() + 16]
-            .iter()
-            .all(|b| b.is_ascii_hexdigit())
-}
-
-fn random_u64() -> u64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish()
-}
-
-/// How a commit failed.
-#[derive(Debug)]
-pub enum CommitError {
-    /// The target appeared meanwhile and `overwrite` is false.
-    Exists,
-    /// An OS call failed.
-    Io(io::Error),
-}
 
 /// A temporary file being written. Dropped without [`Temp::commit`], it is
 /// removed.
@@ -106,7 +68,7 @@ impl Temp {
     /// Create a fresh temporary file in `dir`.
     pub fn create(dir: Arc<Dir>) -> io::Result<Temp> {
         for _ in 0..16 {
-            let name = format!("{TEMP_PREFIX}{:016x}{TEMP_SUFFIX}", random_u64());
+            let name = new_temp_name();
             match create(
                 &dir.child(&name),
                 GENERIC_READ | GENERIC_WRITE | DELETE,
