@@ -850,11 +850,29 @@ mod windows_tests {
         }
     }
 
+    /// This test executable as an allowlisted command: a copy in a folder
+    /// of its own on drive C: (the Wine prefix's), because the allowlist's
+    /// trust check walks every folder above a program, and the build tree
+    /// may lie below one anybody can write (a clone in /tmp is `Z:\tmp\...`
+    /// under Wine). The copy is this executable: it runs the tests' roles.
     fn me() -> String {
-        std::env::current_exe()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned()
+        static COPY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        COPY.get_or_init(|| {
+            // Unique per run: Wine reuses small process ids, and an
+            // executable of an earlier run may still be running.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let dir = std::path::PathBuf::from(format!(
+                r"C:\kva-exec-tests\{}-{nanos}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let exe = dir.join("exec-tests.exe");
+            std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+            exe.to_string_lossy().into_owned()
+        })
+        .clone()
     }
 
     fn context() -> Arc<Context> {
