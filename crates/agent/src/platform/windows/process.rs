@@ -345,6 +345,14 @@ mod tests {
             .unwrap()
     }
 
+    /// Test `test` as a `parent` command in its tree, and a handle to wait
+    /// for its grandchild once that has started.
+    async fn start_tree(test: &str) -> (tokio::process::Child, ProcessTree, OwnedHandle) {
+        let (mut child, tree) = start_parent(test);
+        let pid = grandchild_pid(&mut child).await;
+        (child, tree, open_process(pid))
+    }
+
     /// Test `test` as a `parent` command, started like exec starts one.
     fn start_parent(test: &str) -> (tokio::process::Child, ProcessTree) {
         let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
@@ -397,9 +405,7 @@ mod tests {
             return;
         }
         runtime().block_on(async {
-            let (mut child, tree) = start_parent(NAME);
-            let pid = grandchild_pid(&mut child).await;
-            let grandchild = open_process(pid);
+            let (mut child, tree, grandchild) = start_tree(NAME).await;
             assert_eq!(tree.id(), child.id().unwrap());
             // The command and its child at least (a console host may count
             // too: Wine starts one for a console program without a window).
@@ -427,9 +433,7 @@ mod tests {
             return;
         }
         runtime().block_on(async {
-            let (mut child, tree) = start_parent(NAME);
-            let pid = grandchild_pid(&mut child).await;
-            let grandchild = open_process(pid);
+            let (mut child, tree, grandchild) = start_tree(NAME).await;
             assert!(tree.signal(2).is_err(), "only kill is possible");
             assert!(!ends_within(&grandchild, 0));
             tree.signal(SIGKILL).unwrap();
@@ -446,9 +450,7 @@ mod tests {
             return;
         }
         runtime().block_on(async {
-            let (mut child, tree) = start_parent(NAME);
-            let pid = grandchild_pid(&mut child).await;
-            let grandchild = open_process(pid);
+            let (mut child, tree, grandchild) = start_tree(NAME).await;
             let parent = open_process(tree.id());
             assert!(!ends_within(&parent, 0));
             drop(tree);
