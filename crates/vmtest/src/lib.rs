@@ -263,6 +263,10 @@ struct ConsoleState {
     closed: bool,
 }
 
+/// Why the agent looks for its missing virtio-serial port again (in its
+/// debug line) when its safety-net timer fired rather than an event.
+pub const RESCAN_REASON: &str = "(safety net:";
+
 /// A position in the console's lines: waits look at lines from there on.
 pub type Mark = usize;
 
@@ -380,6 +384,34 @@ impl Console {
             l.contains(needle).then_some(())
         })
         .0
+    }
+
+    /// Wait for the agent to open its virtio-serial port, at or after
+    /// `from`, and check that it found the port through an event (a change
+    /// in /dev, or a port's name arriving), not by its 30 s safety-net
+    /// rescan. The agent says why it looks again each time (at debug
+    /// level); the last such line before "opened" must not be
+    /// [`RESCAN_REASON`]. No clock is involved, so a slow guest cannot fail
+    /// this. Returns the position after the "opened" line.
+    pub fn wait_port_found_by_event(&self, from: Mark) -> Mark {
+        let opened = self.wait_contains(from, "opened virtio-serial port /dev/vport");
+        assert!(
+            self.lines_since(0)
+                .iter()
+                .any(|l| l.contains("KVA-INIT agent=") && l.contains("log=debug")),
+            "the agent must log at debug level for this check (GuestConfig::log_level)"
+        );
+        let lines = &self.lines_since(from)[..opened - from];
+        let last_look = lines
+            .iter()
+            .rev()
+            .find(|l| l.contains("looking for virtio-serial port"));
+        assert!(
+            !last_look.is_some_and(|l| l.contains(RESCAN_REASON)),
+            "the agent found its port only when its safety-net timer fired, not through \
+             an event: {last_look:?}"
+        );
+        opened
     }
 
     /// Wait for the next `KVA-CPU <ticks>` sample at or after `from`.
@@ -1025,5 +1057,42 @@ mod tests {
             })
         );
         assert_eq!(parse_stat("KVA-CPU 42"), None);
+    }
+
+    /// A console fed from memory (its log file removed once it is read).
+    fn console_of(name: &str, text: &'static str) -> Arc<Console> {
+        let log = std::env::temp_dir().join(format!("kva-{}-{name}", std::process::id()));
+        let console = Console::start(log.clone(), text.as_bytes());
+        while !lock_ignoring_poison(&console.state).closed {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = std::fs::remove_file(log);
+        console
+    }
+
+    #[test]
+    fn a_port_found_by_the_safety_net_rescan_fails_the_check() {
+        let by_event = console_of(
+            "console-by-event.log",
+            "KVA-INIT agent=virtio-serial late=virtio_console log=debug
+kvm-manager-agent: debug: looking for virtio-serial port p again (safety net: nothing changed in /dev)
+kvm-manager-agent: debug: looking for virtio-serial port p again (something changed in /dev)
+kvm-manager-agent: info: opened virtio-serial port /dev/vport0p1
+",
+        );
+        assert_eq!(by_event.wait_port_found_by_event(1), 4);
+        let by_timer = console_of(
+            "console-by-timer.log",
+            "KVA-INIT agent=virtio-serial late=virtio_console log=debug
+kvm-manager-agent: debug: looking for virtio-serial port p again (something changed in /dev)
+kvm-manager-agent: debug: looking for virtio-serial port p again (safety net: nothing changed in /dev)
+kvm-manager-agent: info: opened virtio-serial port /dev/vport0p1
+",
+        );
+        let failed = std::panic::catch_unwind(|| by_timer.wait_port_found_by_event(1));
+        assert!(
+            failed.is_err(),
+            "found by the safety net, yet the check passed"
+        );
     }
 }

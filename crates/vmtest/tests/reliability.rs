@@ -167,15 +167,13 @@ fn hot_plugged_port_is_picked_up_then_a_quiet_minute() {
     vm.hotplug_port();
     vm.wait_port_open();
     let latency = plugged.elapsed().as_secs_f64();
-    let opened = console.wait_contains(waiting, "opened virtio-serial port /dev/vport");
+    // Found through inotify (or the port's name arriving), not by the
+    // agent's 30 s safety-net rescan.
+    let opened = console.wait_port_found_by_event(waiting);
     vm.log(&format!(
         "the agent opened the hot-plugged port {latency:.1} s after device_add: {}",
         console.lines_since(opened - 1)[0]
     ));
-    assert!(
-        latency <= 15.0,
-        "the agent took {latency:.1} s to pick up the hot-plugged port"
-    );
 
     // A minute with the port open and no host attached.
     vm.assert_quiet(

@@ -15,11 +15,6 @@ use kvm_agent_vmtest::{check_agent, runtime, GuestConfig, Vm, TIMEOUT};
 const WINDOW_SECONDS: usize = 5;
 const MAX_IDLE_TICKS: u64 = 5;
 
-/// Longest time from loading virtio_console to the agent opening the port.
-/// The agent watches /dev with inotify, so this is a matter of a second or
-/// two under TCG; its fallback rescan comes only every 30 s.
-const LATE_DEVICE_LIMIT_SECONDS: f64 = 15.0;
-
 #[test]
 fn late_device_is_picked_up_and_served() {
     let vm = Vm::boot("late_device", GuestConfig::default());
@@ -34,16 +29,13 @@ fn late_device_is_picked_up_and_served() {
     vm.log("virtio_console loaded by init, after the agent said the port was not there yet");
 
     vm.wait_port_open();
-    let latency = loaded.elapsed().as_secs_f64();
     vm.log(&format!(
-        "the agent opened the port {latency:.1}s after the module was loaded"
+        "the agent opened the port {:.1}s after the module was loaded",
+        loaded.elapsed().as_secs_f64()
     ));
-    console.wait_contains(loaded_at, "opened virtio-serial port /dev/vport");
-    assert!(
-        latency <= LATE_DEVICE_LIMIT_SECONDS,
-        "the agent took {latency:.1}s to open the port after virtio_console was loaded \
-         (limit {LATE_DEVICE_LIMIT_SECONDS}s): it did not react to the device's appearance"
-    );
+    // Found through inotify (or the port's name arriving), not by the
+    // agent's 30 s safety-net rescan.
+    console.wait_port_found_by_event(loaded_at);
 
     runtime().block_on(async {
         let client = Client::connect(vm.serial_target(), Vm::client_options())
@@ -211,16 +203,13 @@ fn waiting_for_the_port_uses_no_cpu_and_it_is_still_picked_up() {
     });
     let loaded = Instant::now();
     vm.wait_port_open();
-    let latency = loaded.elapsed().as_secs_f64();
     vm.log(&format!(
-        "the agent opened the port {latency:.1}s after the module was loaded"
+        "the agent opened the port {:.1}s after the module was loaded",
+        loaded.elapsed().as_secs_f64()
     ));
-    console.wait_contains(loaded_at, "opened virtio-serial port /dev/vport");
-    assert!(
-        latency <= LATE_DEVICE_LIMIT_SECONDS,
-        "the agent took {latency:.1}s to open the port after virtio_console was loaded \
-         (limit {LATE_DEVICE_LIMIT_SECONDS}s)"
-    );
+    // Found through inotify (or the port's name arriving), not by the
+    // agent's 30 s safety-net rescan.
+    console.wait_port_found_by_event(loaded_at);
     runtime().block_on(async {
         let client = Client::connect(vm.serial_target(), Vm::client_options())
             .await

@@ -249,6 +249,12 @@ async fn open_when_present(name_or_path: &str) -> io::Result<Port> {
     let mut name_waited = Duration::ZERO;
     let watcher = DevWatcher::new();
     loop {
+        // Whether some port still waits for its name, asked *before* looking
+        // for ours: a name that arrives between the two looks is then either
+        // seen by `resolve` or makes this true. (Asked the other way round, a
+        // name arriving in between left the agent in the long wait below,
+        // with nothing in /dev to wake it.)
+        let unnamed = !name_or_path.starts_with('/') && unnamed_ports(Path::new(SYSFS_PORTS));
         if let Some(path) = resolve(name_or_path) {
             match Port::open(&path) {
                 Ok(port) => {
@@ -265,10 +271,7 @@ async fn open_when_present(name_or_path: &str) -> io::Result<Port> {
         // its name (a separate control message; without udev nothing in
         // /dev changes when it arrives). While some port is still unnamed,
         // look again soon, then less and less often, for a bounded while.
-        let wait = if !name_or_path.starts_with('/')
-            && unnamed_ports(Path::new(SYSFS_PORTS))
-            && name_waited < NAME_WAIT_TOTAL
-        {
+        let wait = if unnamed && name_waited < NAME_WAIT_TOTAL {
             let wait = name_wait;
             name_waited += wait;
             name_wait = (name_wait * 3 / 2).min(NAME_WAIT_MAX);
@@ -276,11 +279,31 @@ async fn open_when_present(name_or_path: &str) -> io::Result<Port> {
         } else {
             RESCAN_INTERVAL
         };
-        match &watcher {
+        let woken = match &watcher {
             Ok(w) => w.wait(wait).await,
-            Err(_) => tokio::time::sleep(wait).await,
-        }
+            Err(_) => {
+                tokio::time::sleep(wait).await;
+                Wake::Timer
+            }
+        };
+        // The vm suite reads these to check that a port which appears is
+        // found through an event, not by the safety net.
+        let why = match woken {
+            Wake::Event => "something changed in /dev",
+            Wake::Timer if wait == RESCAN_INTERVAL => "safety net: nothing changed in /dev",
+            Wake::Timer => "a port's name may have arrived",
+        };
+        log::debug!("looking for virtio-serial port {name_or_path} again ({why})");
     }
+}
+
+/// What ended a wait for the port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// Something changed in the watched directories.
+    Event,
+    /// The wait's time ran out.
+    Timer,
 }
 
 /// Where the kernel lists virtio-serial ports.
@@ -347,13 +370,23 @@ impl DevWatcher {
     }
 
     /// Wait for a change in the watched directories, or `limit`.
-    async fn wait(&self, limit: Duration) {
-        if let Ok(Ok(mut guard)) = tokio::time::timeout(limit, self.fd.readable()).await {
-            let mut buf = [0u8; 4096];
-            while read_fd(self.fd.get_ref(), &mut buf).is_ok_and(|n| n > 0) {}
-            guard.clear_ready();
-            // /dev/virtio-ports may have just been created.
-            self.add_watches();
+    async fn wait(&self, limit: Duration) -> Wake {
+        match tokio::time::timeout(limit, self.fd.readable()).await {
+            Ok(Ok(mut guard)) => {
+                let mut buf = [0u8; 4096];
+                while read_fd(self.fd.get_ref(), &mut buf).is_ok_and(|n| n > 0) {}
+                guard.clear_ready();
+                // /dev/virtio-ports may have just been created.
+                self.add_watches();
+                Wake::Event
+            }
+            // The registration failed (not expected): wait out the time
+            // rather than look again at once.
+            Ok(Err(_)) => {
+                tokio::time::sleep(limit).await;
+                Wake::Timer
+            }
+            Err(_) => Wake::Timer,
         }
     }
 }
