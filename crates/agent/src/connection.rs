@@ -35,12 +35,12 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::audit::{Decision, Origin};
-use crate::buffers;
 use crate::context::Context;
 use crate::dispatch::{self, Admitted, Refusal, Reply, ReplyWritten, Route};
 use crate::platform;
 use crate::shutdown::Phase;
 use crate::transport::{Connection, Peer};
+use kvm_agent_protocol::buffers;
 
 /// Read buffer size; larger frame bodies are read straight into place.
 const READ_BUF: usize = 64 * 1024;

@@ -23,7 +23,6 @@
 
 pub mod audit;
 pub mod auth;
-pub mod buffers;
 pub mod cli;
 pub mod config;
 pub mod connection;

@@ -11,7 +11,8 @@
 //!
 //! Arguments: TARGET GUEST_DIR [SIZE_MIB=256] [CHUNK_KIB=1024] [PIPELINE=4]
 //! [AGENT_PID]. With the agent's pid it also prints the agent's peak resident
-//! memory (VmHWM), which counts from the agent's start.
+//! memory (VmHWM), which counts from the agent's start, and its CPU time a
+//! byte beside the client's.
 
 // The client's file transfer is unix-only for now: on other hosts this
 // example only says so.
@@ -34,6 +35,32 @@ fn vm_hwm_kib(pid: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU time (user + system) of a process so far, in clock ticks (100 a second).
+#[cfg(unix)]
+fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// What each side spent on a transfer: CPU nanoseconds a byte.
+#[cfg(unix)]
+fn cpu_line(pid: Option<&str>, before: (Option<u64>, Option<u64>), bytes: usize) -> String {
+    let per_byte = |ticks: u64| ticks as f64 * 1e7 / bytes as f64;
+    let mut parts = Vec::new();
+    if let (Some(a), Some(b)) = (before.0, cpu_ticks("self")) {
+        parts.push(format!("client {:.2} ns/B", per_byte(b - a)));
+    }
+    if let (Some(a), Some(b)) = (before.1, pid.and_then(cpu_ticks)) {
+        parts.push(format!("agent {:.2} ns/B", per_byte(b - a)));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("; CPU {}", parts.join(", "))
+    }
 }
 
 #[cfg(unix)]
@@ -83,26 +110,32 @@ async fn main() {
         }
     };
     rss("start");
+    let bytes = mib << 20;
+    let cpu = || (cpu_ticks("self"), pid.as_deref().and_then(cpu_ticks));
+    let before = cpu();
     let t = Instant::now();
     let up = files::upload(&client, &local, &guest, &opts, &mut |_, _| {})
         .await
         .expect("upload");
     let secs = t.elapsed().as_secs_f64();
     println!(
-        "upload   {mib} MiB in {secs:.3} s: {:.0} MiB/s (chunks {chunk_kib} KiB, {pipeline} in flight, sha256 {})",
+        "upload   {mib} MiB in {secs:.3} s: {:.0} MiB/s (chunks {chunk_kib} KiB, {pipeline} in flight, sha256 {}){}",
         mib as f64 / secs,
-        &up.sha256[..16]
+        &up.sha256[..16],
+        cpu_line(pid.as_deref(), before, bytes)
     );
     rss("upload");
+    let before = cpu();
     let t = Instant::now();
     let down = files::download(&client, &guest, &back, &opts, &mut |_, _| {})
         .await
         .expect("download");
     let secs = t.elapsed().as_secs_f64();
     println!(
-        "download {mib} MiB in {secs:.3} s: {:.0} MiB/s (sha256 {})",
+        "download {mib} MiB in {secs:.3} s: {:.0} MiB/s (sha256 {}){}",
         mib as f64 / secs,
-        &down.sha256[..16]
+        &down.sha256[..16],
+        cpu_line(pid.as_deref(), before, bytes)
     );
     rss("download");
     assert_eq!(up.sha256, down.sha256);

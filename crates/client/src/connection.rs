@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_agent_protocol::attachment::Attachment;
 use kvm_agent_protocol::auth as wire_auth;
+use kvm_agent_protocol::buffers;
 use kvm_agent_protocol::frame::{self, Decoded, FrameDecoder};
 use kvm_agent_protocol::jsonrpc::{self, FromAgent, Id, Response};
 use kvm_agent_protocol::notifications::{AgentReady, AGENT_READY};
@@ -437,9 +438,19 @@ async fn read_loop(mut rd: ReadHalf<BoxStream>, shared: Arc<Shared>, max_frame_b
         // A large body is read straight into the decoder's buffer.
         if let Some(missing) = dec.body_bytes_missing().filter(|m| *m > READ_BUF) {
             let want = missing.min(4 * 1024 * 1024);
-            let Some(spare) = dec.body_spare(want) else {
+            let Some(spare) = dec.body_spare(0) else {
                 continue;
             };
+            if spare.capacity() - spare.len() < want {
+                // A pooled buffer (a downloaded chunk's buffer returns to
+                // the pool once written), so large frames cost no new
+                // allocation, page faults or zeroing.
+                let mut pooled = buffers::take();
+                pooled.clear();
+                pooled.reserve(spare.len() + missing);
+                pooled.extend_from_slice(spare);
+                *spare = pooled;
+            }
             match (&mut rd).take(want as u64).read_buf(spare).await {
                 Ok(0) => break eof(),
                 Ok(_) => {}
@@ -486,8 +497,12 @@ async fn write_loop(
             frame = frames.recv() => {
                 let Some((frame, attachment)) = frame else { break };
                 let mut written = wr.write_all(&frame).await;
-                if let (Ok(()), Some(bytes)) = (&written, &attachment) {
-                    written = wr.write_all(bytes).await;
+                if let Some(bytes) = attachment {
+                    if written.is_ok() {
+                        written = wr.write_all(&bytes).await;
+                    }
+                    // An uploaded chunk's buffer serves the next chunk.
+                    buffers::recycle(bytes);
                 }
                 if let Err(e) = written {
                     shared.close(CloseReason::Disconnected(format!("write failed: {e}")));

@@ -19,6 +19,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use kvm_agent_protocol::attachment::Attachment;
+use kvm_agent_protocol::buffers;
 use kvm_agent_protocol::codec::{self, Sha256Stream};
 use kvm_agent_protocol::methods::files::{
     Access, FileCloseParams, FileOpenParams, FileReadParams, FileWritten,
@@ -174,10 +175,12 @@ pub async fn upload(
     let result: Result<(), TransferError> = async {
         loop {
             // With attachments each chunk is read into its own buffer, which
-            // the connection writes as it is.
+            // the connection writes as it is and then gives back to the pool
             // (read into its spare capacity: never zeroed first).
             let (n, attached) = if wire.attachments {
-                let mut bytes = Vec::with_capacity(chunk);
+                let mut bytes = buffers::take();
+                bytes.clear();
+                bytes.reserve(chunk);
                 (&mut file)
                     .take(chunk as u64)
                     .read_to_end(&mut bytes)
@@ -411,8 +414,8 @@ pub async fn download(
             }
             ready.insert(offset, data);
             // Write and hash in order.
-            while let Some(data) = ready.remove(&written) {
-                let data = data.as_bytes();
+            while let Some(attachment) = ready.remove(&written) {
+                let data = attachment.as_bytes();
                 write_all_at(&file, data, written).map_err(perr)?;
                 hasher.update(data);
                 written += data.len() as u64;
@@ -420,6 +423,8 @@ pub async fn download(
                 if data.len() < chunk as usize {
                     eof_seen = true;
                 }
+                // The frame's buffer serves the next chunk's frame.
+                buffers::recycle(attachment.into_buffer());
             }
         }
         Ok(())

@@ -1,6 +1,7 @@
 //! The wire protocol of kvm-manager-agent, shared by the agent and the host
 //! client. No operating-system code lives here.
 //!
+//! - [`buffers`]: chunk-sized byte buffers reused between file chunks.
 //! - [`auth`]: HMAC-SHA256 authentication of requests, responses and
 //!   `agent_ready` (canonical forms, signing, verification).
 //! - [`codec`]: base64 and SHA-256 of file contents.
@@ -15,6 +16,7 @@
 
 pub mod attachment;
 pub mod auth;
+pub mod buffers;
 pub mod codec;
 pub mod error;
 pub mod frame;

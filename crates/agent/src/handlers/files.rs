@@ -58,14 +58,14 @@ mod imp {
     use crate::files::{read_at, write_all_at};
 
     fn take_buffer() -> Vec<u8> {
-        crate::buffers::take()
+        kvm_agent_protocol::buffers::take()
     }
 
     /// Return a buffer for reuse. Buffers over `max` (the chunk limit) go
     /// back to the allocator (and, with `files::tune_allocator`, to the
     /// kernel).
     fn give_buffer(b: Vec<u8>, max: usize) {
-        crate::buffers::give(b, max);
+        kvm_agent_protocol::buffers::give(b, max);
     }
 
     /// Run file-system work on the blocking pool.

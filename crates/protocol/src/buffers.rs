@@ -1,8 +1,9 @@
-//! Byte buffers reused between file chunks: frame bodies read from the host
-//! (whose attachments go straight to the file), chunks read from files, and
-//! their encodings. Reusing them spares a large allocation, its page
-//! faults and its zeroing for every chunk; the pool is small and holds only
-//! chunk-sized buffers, so memory stays bounded whatever the file's size.
+//! Byte buffers reused between file chunks, on either side of the wire:
+//! frame bodies read from the peer (whose attachments go straight to a
+//! file), chunks read from files, and their encodings. Reusing them spares
+//! a large allocation, its page faults and its zeroing for every chunk; the
+//! pool is process-wide, small, and holds only chunk-sized buffers, so
+//! memory stays bounded whatever the file's size.
 
 use std::sync::Mutex;
 
