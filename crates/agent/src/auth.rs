@@ -38,14 +38,16 @@ pub enum KeyFileError {
         source: std::io::Error,
     },
     /// Someone other than root (or the agent's user) could read or change it.
-    #[error("{key}: refusing key file {path}: it {problem}; it must be owned by root and have no group or other permissions (chown root {path}; chmod 600 {path})")]
+    #[error("{key}: refusing key file {path}: it {problem}; {remedy}")]
     Insecure {
         /// The configuration key naming the file.
         key: &'static str,
         /// The file.
         path: PathBuf,
-        /// What is wrong with its ownership or mode.
+        /// What is wrong with its ownership, mode or ACL.
         problem: String,
+        /// What it must be instead, and how (`platform::guard_remedy`).
+        remedy: String,
     },
     /// The file does not hold a usable key.
     #[error("{key}: {path}: {source} (generate one with: openssl rand -hex 32 > {path})")]
@@ -219,41 +221,23 @@ fn load_key(key: &'static str, path: &Path) -> Result<Key, KeyFileError> {
     })
 }
 
-/// A key file must be a regular file owned by root (or the agent's user, for
-/// development) with no group or other permission bits.
-#[cfg(unix)]
+/// A key file must be a regular file that nobody but the administrators (or
+/// the agent's own account, for development) can read or change.
 fn check_key_file(key: &'static str, path: &Path) -> Result<(), KeyFileError> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).map_err(|source| KeyFileError::Read {
-        key,
-        path: path.to_owned(),
-        source,
-    })?;
-    let insecure = |problem: String| KeyFileError::Insecure {
-        key,
-        path: path.to_owned(),
-        problem,
-    };
-    if !meta.is_file() {
-        return Err(insecure("is not a regular file".into()));
-    }
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    if meta.uid() != 0 && meta.uid() != me {
-        return Err(insecure(format!("is owned by uid {}", meta.uid())));
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(insecure(format!(
-            "is accessible to group or others (mode {:o})",
-            meta.mode() & 0o7777
-        )));
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_key_file(_key: &'static str, _path: &Path) -> Result<(), KeyFileError> {
-    Ok(())
+    use crate::platform::{self, Guard, GuardError};
+    platform::check_guarded(path, Guard::ReadOrChange).map_err(|e| match e {
+        GuardError::Read(source) => KeyFileError::Read {
+            key,
+            path: path.to_owned(),
+            source,
+        },
+        GuardError::Insecure(problem) => KeyFileError::Insecure {
+            key,
+            path: path.to_owned(),
+            problem,
+            remedy: platform::guard_remedy(Guard::ReadOrChange, path),
+        },
+    })
 }
 
 #[cfg(test)]

@@ -109,13 +109,16 @@ pub enum ConfigError {
         /// What is wrong with it.
         problem: String,
     },
-    /// The file could be changed by someone other than root.
-    #[error("{path}: refusing a configuration file that {problem}; it must be owned by root and not writable by group or others (chown root {path}; chmod go-w {path})")]
+    /// The file could be changed by someone other than the administrators
+    /// (`platform::check_guarded`).
+    #[error("{path}: refusing a configuration file that {problem}; {remedy}")]
     Insecure {
         /// The file.
         path: PathBuf,
-        /// What is wrong with its ownership or mode.
+        /// What is wrong with its ownership, mode or ACL.
         problem: String,
+        /// What it must be instead, and how (`platform::guard_remedy`).
+        remedy: String,
     },
 }
 
@@ -987,36 +990,22 @@ fn check_command_name(c: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The file must not be changeable by anyone but root (or the user the agent
-/// runs as, for development): it decides what the host may do as root.
-#[cfg(unix)]
+/// The file must not be changeable by anyone but the administrators (or the
+/// account the agent runs as, for development): it decides what the host may
+/// do as root.
 fn check_ownership(path: &Path) -> Result<(), ConfigError> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    let insecure = |problem: String| ConfigError::Insecure {
-        path: path.to_owned(),
-        problem,
-    };
-    if meta.uid() != 0 && meta.uid() != me {
-        return Err(insecure(format!("is owned by uid {}", meta.uid())));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(insecure(format!(
-            "is writable by group or others (mode {:o})",
-            meta.mode() & 0o7777
-        )));
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_ownership(_path: &Path) -> Result<(), ConfigError> {
-    Ok(())
+    use crate::platform::{self, Guard, GuardError};
+    platform::check_guarded(path, Guard::Change).map_err(|e| match e {
+        GuardError::Read(source) => ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        },
+        GuardError::Insecure(problem) => ConfigError::Insecure {
+            path: path.to_owned(),
+            problem,
+            remedy: platform::guard_remedy(Guard::Change, path),
+        },
+    })
 }
 
 #[cfg(test)]

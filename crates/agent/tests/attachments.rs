@@ -205,12 +205,10 @@ fn attachment_replies_fit_small_frames() {
 fn authenticated_requests_take_no_attachments() {
     let keys = Scratch::new("attach-keys");
     let key_path = keys.0.join("k");
-    std::fs::write(&key_path, format!("{}\n", "ab".repeat(32))).unwrap();
-    // The agent refuses a key file that others can read (on unix).
-    #[cfg(unix)]
-    std::fs::set_permissions(
+    // The agent refuses a key file that others can read.
+    kvm_manager_agent::platform::create_private(
         &key_path,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        format!("{}\n", "ab".repeat(32)).as_bytes(),
     )
     .unwrap();
     let f = fixture(&format!(

@@ -21,6 +21,7 @@
 //! | `logged_in_users()` | login sessions |
 //! | `isolate(cmd)`, `ProcessTree::adopt(child)` | exec's commands: a process group (Linux) or a job object (Windows), ended as a whole |
 //! | `power_graceful()`, `power_forced()` | shutdown and restart |
+//! | `check_guarded(path, guard)`, `guard_remedy(guard, path)`, `create_private(path, bytes)` | a file that steers the agent (configuration, keys) is safe from other accounts |
 
 use std::fmt;
 
@@ -100,6 +101,29 @@ impl PlatformError {
         ErrorObject::with_message(code, format!("{}: {self}", code.default_message()))
             .data(self.wire_data())
     }
+}
+
+/// What nobody but the administrators (root; SYSTEM, Administrators and
+/// TrustedInstaller on Windows) and the agent's own account may do to a file
+/// that steers the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Guard {
+    /// Change it: the configuration decides what hosts may do.
+    Change,
+    /// Read or change it: a key file (and it must be a regular file).
+    ReadOrChange,
+}
+
+/// Why [`check_guarded`] refused a file.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    /// Its metadata or security information could not be read.
+    #[error("{0}")]
+    Read(#[source] std::io::Error),
+    /// Someone else could read or change it: what is wrong, as a phrase
+    /// that follows "it" ("is owned by uid 1000").
+    #[error("it {0}")]
+    Insecure(String),
 }
 
 /// Cumulative CPU time of one CPU or of all, in clock ticks.

@@ -7,7 +7,9 @@
 //! - `sessions`: logged-in users (WTS);
 //! - `process`: exec's commands, each in a job object of its own;
 //! - `power`: shutdown and restart (InitiateShutdownW).
+//! - `acl`: owners and DACLs: who else may read or change a file.
 
+pub mod acl;
 mod net;
 mod perf;
 mod power;
@@ -20,6 +22,7 @@ use kvm_agent_protocol::methods::core::OsFamily;
 
 use super::PlatformError;
 
+pub use acl::{check_guarded, create_private, guard_remedy};
 pub use net::{interfaces, net_counters};
 pub use perf::{cpu_times, disk_counters, fs_stats, load_average, memory, mounts, process_count};
 pub use power::{

@@ -5,6 +5,7 @@
 //! The parsers are pure functions over text or bytes, unit-tested on
 //! fixtures; the functions exported here only read the files and call them.
 
+mod guarded;
 mod names;
 mod net;
 mod os_release;
@@ -21,6 +22,7 @@ use kvm_agent_protocol::methods::info::{Interface, LoggedInUser, MemoryMetrics, 
 
 use super::{CpuSample, DiskCounters, FsStats, Mount, NetCounters, PlatformError};
 
+pub use guarded::{check_guarded, create_private, guard_remedy};
 pub use power::{
     forced as power_forced, graceful as power_graceful, graceful_command as power_graceful_command,
 };
