@@ -411,11 +411,13 @@ pub struct QgaAgent {
 }
 
 impl QgaAgent {
+    /// `{scratch}` in `config` stands for the scratch directory (a TOML
+    /// string).
     pub fn start(config: &str) -> Self {
         let scratch = Scratch::new("qga-agent");
         let socket = endpoint(&scratch, "qga");
         let config_path = scratch.0.join("config.toml");
-        let mut config = config.to_owned();
+        let mut config = config.replace("{scratch}", &toml_path(&scratch.0));
         if !config.contains("[audit]") {
             config.push_str(&format!(
                 "\n[audit]\ndestination = \"none\"\njsonl_path = {}\n",
