@@ -7,19 +7,8 @@
 
 mod common;
 
-use common::{QgaAgent, QgaConn};
+use common::{b64, unb64, QgaAgent, QgaConn};
 use serde_json::{json, Value};
-
-fn b64(s: &str) -> String {
-    kvm_agent_protocol::codec::base64_encode(s.as_bytes())
-}
-
-fn unb64(v: &Value) -> String {
-    String::from_utf8(
-        kvm_agent_protocol::codec::base64_decode(v.as_str().unwrap().as_bytes()).unwrap(),
-    )
-    .unwrap()
-}
 
 /// One command with its arguments (paths with backslashes escaped by JSON).
 fn call(c: &mut QgaConn, execute: &str, arguments: Value) -> Value {
@@ -197,16 +186,5 @@ fn shutdown_sends_no_reply_and_goes_through_the_power_handler() {
         c.call(r#"{"execute":"guest-ping","id":1}"#),
         json!({"return": {}, "id": 1})
     );
-    let log = common::power_log(&agent.scratch.0.join("config.toml"));
-    let deadline = std::time::Instant::now() + common::PATIENCE;
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("reboot force=false")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the power action was never recorded"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    agent.wait_for_power_record("reboot force=false");
 }

@@ -234,3 +234,23 @@ impl fmt::Display for FsKind {
         })
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::Path;
+
+    use super::{check_guarded, Guard, GuardError};
+
+    /// What [`check_guarded`] says of a directory and of a missing file, on
+    /// either platform.
+    pub fn directories_and_absent_files_are_refused(dir: &Path) {
+        assert!(matches!(
+            check_guarded(dir, Guard::ReadOrChange),
+            Err(GuardError::Insecure(p)) if p == "is not a regular file"
+        ));
+        assert!(matches!(
+            check_guarded(&dir.join("absent"), Guard::Change),
+            Err(GuardError::Read(_))
+        ));
+    }
+}

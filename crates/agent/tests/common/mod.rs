@@ -334,6 +334,19 @@ pub fn error_code(reply: &Value) -> i64 {
         .unwrap_or_else(|| panic!("not an error reply: {reply}"))
 }
 
+/// `s` as base64 (qemu-ga's `buf-b64`, `input-data`).
+pub fn b64(s: &str) -> String {
+    kvm_agent_protocol::codec::base64_encode(s.as_bytes())
+}
+
+/// A base64 JSON string's text.
+pub fn unb64(v: &Value) -> String {
+    String::from_utf8(
+        kvm_agent_protocol::codec::base64_decode(v.as_str().unwrap().as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
 /// A connection in qemu-guest-agent's protocol, reading newline-ended replies (0xFF bytes kept, at the
 /// start of the reply they precede).
 pub struct QgaConn {
@@ -447,6 +460,23 @@ impl QgaAgent {
 
     pub fn connect(&self) -> QgaConn {
         QgaConn::open(&self.socket)
+    }
+
+    /// Wait until the power handler has recorded `line` (`reboot
+    /// force=false`) in its dry-run log.
+    pub fn wait_for_power_record(&self, line: &str) {
+        let log = power_log(&self.scratch.0.join("config.toml"));
+        let deadline = Instant::now() + PATIENCE;
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(line)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the power action {line:?} was never recorded"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The audit records written so far.

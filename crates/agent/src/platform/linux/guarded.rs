@@ -100,14 +100,7 @@ mod tests {
         create_private(&key, b"00").unwrap();
         check_guarded(&key, Guard::ReadOrChange).unwrap();
         assert!(create_private(&key, b"00").is_err(), "only a new file");
-        assert!(matches!(
-            check_guarded(&dir, Guard::ReadOrChange),
-            Err(GuardError::Insecure(p)) if p == "is not a regular file"
-        ));
-        assert!(matches!(
-            check_guarded(&dir.join("absent"), Guard::Change),
-            Err(GuardError::Read(_))
-        ));
+        crate::platform::tests::directories_and_absent_files_are_refused(&dir);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

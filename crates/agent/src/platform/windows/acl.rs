@@ -12,7 +12,8 @@ use std::path::Path;
 use windows_sys::Win32::Foundation::{LocalFree, HANDLE, INVALID_HANDLE_VALUE};
 use windows_sys::Win32::Security::Authorization::{
     ConvertSidToStringSidW, ConvertStringSidToSidW, GetNamedSecurityInfoW, SetEntriesInAclW,
-    EXPLICIT_ACCESS_W, SET_ACCESS, SE_FILE_OBJECT, TRUSTEE_IS_SID, TRUSTEE_IS_USER, TRUSTEE_W,
+    ACCESS_MODE, EXPLICIT_ACCESS_W, SET_ACCESS, SE_FILE_OBJECT, TRUSTEE_IS_SID, TRUSTEE_IS_USER,
+    TRUSTEE_TYPE, TRUSTEE_W,
 };
 use windows_sys::Win32::Security::{
     GetAce, GetTokenInformation, InitializeSecurityDescriptor, SetSecurityDescriptorControl,
@@ -271,6 +272,27 @@ pub fn guard_remedy(guard: Guard, path: &Path) -> String {
     }
 }
 
+/// An entry for SetEntriesInAclW: `rights` for the account `sid`, on the
+/// object only (no inheritance).
+fn explicit_access(
+    sid: PSID,
+    rights: u32,
+    mode: ACCESS_MODE,
+    kind: TRUSTEE_TYPE,
+) -> EXPLICIT_ACCESS_W {
+    EXPLICIT_ACCESS_W {
+        grfAccessPermissions: rights,
+        grfAccessMode: mode,
+        grfInheritance: 0,
+        Trustee: TRUSTEE_W {
+            TrusteeForm: TRUSTEE_IS_SID,
+            TrusteeType: kind,
+            ptstrName: sid.cast(),
+            ..Default::default()
+        },
+    }
+}
+
 /// Create the new file `path` with `contents` and a DACL, protected from
 /// inheritance, that grants the agent's own account, and nobody else, full
 /// control: a file [`check_guarded`] accepts as a secret. (The DACL is given
@@ -288,17 +310,7 @@ pub fn create_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     if unsafe { ConvertStringSidToSidW(text.as_ptr(), &mut sid) } == 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let entry = EXPLICIT_ACCESS_W {
-        grfAccessPermissions: FILE_ALL_ACCESS,
-        grfAccessMode: SET_ACCESS,
-        grfInheritance: 0,
-        Trustee: TRUSTEE_W {
-            TrusteeForm: TRUSTEE_IS_SID,
-            TrusteeType: TRUSTEE_IS_USER,
-            ptstrName: sid.cast(),
-            ..Default::default()
-        },
-    };
+    let entry = explicit_access(sid, FILE_ALL_ACCESS, SET_ACCESS, TRUSTEE_IS_USER);
     let mut acl: *mut ACL = std::ptr::null_mut();
     // SAFETY: one valid entry (its SID alive until freed below), no old
     // ACL; `acl` is writable.
@@ -387,17 +399,7 @@ pub mod test_support {
             )
         };
         assert_eq!(code, 0);
-        let entry = EXPLICIT_ACCESS_W {
-            grfAccessPermissions: rights,
-            grfAccessMode: GRANT_ACCESS,
-            grfInheritance: 0,
-            Trustee: TRUSTEE_W {
-                TrusteeForm: TRUSTEE_IS_SID,
-                TrusteeType: TRUSTEE_IS_WELL_KNOWN_GROUP,
-                ptstrName: everyone.cast(),
-                ..Default::default()
-            },
-        };
+        let entry = explicit_access(everyone, rights, GRANT_ACCESS, TRUSTEE_IS_WELL_KNOWN_GROUP);
         let mut new: *mut ACL = std::ptr::null_mut();
         // SAFETY: one valid entry; `old` is the object's DACL (alive in
         // `sd`); `new` is writable.
@@ -515,14 +517,7 @@ mod tests {
             check_guarded(&key, Guard::Change),
             Err(GuardError::Insecure(p)) if p.contains("S-1-1-0")
         ));
-        assert!(matches!(
-            check_guarded(&dir, Guard::ReadOrChange),
-            Err(GuardError::Insecure(p)) if p == "is not a regular file"
-        ));
-        assert!(matches!(
-            check_guarded(&dir.join("absent"), Guard::Change),
-            Err(GuardError::Read(_))
-        ));
+        crate::platform::tests::directories_and_absent_files_are_refused(&dir);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
