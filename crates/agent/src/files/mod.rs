@@ -36,6 +36,8 @@ pub mod upload;
 mod test_tree;
 #[cfg(all(test, unix))]
 mod tests;
+#[cfg(test)]
+mod tests_upload;
 #[cfg(all(test, windows))]
 mod tests_windows;
 

@@ -1,11 +1,16 @@
 //! What the file tests of both platforms share (`tests.rs`,
-//! `tests_windows.rs`): a scratch tree with an allowed root and a secret
-//! outside it, and the operations and outcomes of the hostile-path tables.
+//! `tests_windows.rs`, `tests_upload.rs`): a scratch tree with an allowed
+//! root and a secret outside it, the operations and outcomes of the
+//! hostile-path tables, and an upload from start to commit.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
-use super::Reason;
+use super::path;
+use super::resolve::Resolver;
+use super::upload::{CommitError, Temp};
+use super::{write_all_at, Reason};
 
 /// A scratch directory with an allowed root and a secret outside it.
 pub struct Tree {
@@ -86,4 +91,30 @@ pub enum Outcome {
     Refused(Reason),
     NotFound,
     Exists,
+}
+
+/// The names in `dir`, sorted.
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// An upload to `rel`: temporary, chunks written, committed; returns the
+/// commit's outcome.
+pub fn upload_file(t: &Tree, rel: &str, data: &[u8], overwrite: bool) -> Result<(), CommitError> {
+    let roots = vec![t.root.clone()];
+    let p = t.r(rel);
+    let lex = path::check(&p, &roots).unwrap();
+    let target = Resolver::default()
+        .open_write(&lex, true, overwrite)
+        .unwrap();
+    let temp = Temp::create(Arc::new(target.dir)).unwrap();
+    for (i, chunk) in data.chunks(7).enumerate() {
+        write_all_at(&temp.file, chunk, (i * 7) as u64).unwrap();
+    }
+    temp.commit(&target.name, 0o600, (None, None), overwrite)
 }

@@ -10,7 +10,7 @@ use kvm_agent_protocol::codec;
 use super::path;
 use super::resolve::{self, ResolveError, Resolver};
 use super::table::Progress;
-use super::test_tree::{Op, Outcome, Tree, W, WO, WP};
+use super::test_tree::{entries, upload_file, Op, Outcome, Tree, W, WO, WP};
 use super::upload::{self, CommitError, Temp};
 use super::{read_at, write_all_at, Reason};
 
@@ -541,36 +541,11 @@ fn links_to_outside_the_root_are_refused() {
     }
 }
 
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
-/// An upload to `rel`: temporary, chunks written, committed; returns the
-/// commit's outcome.
-fn upload(t: &Tree, rel: &str, data: &[u8], overwrite: bool) -> Result<(), CommitError> {
-    let roots = vec![t.root.clone()];
-    let p = t.r(rel);
-    let lex = path::check(&p, &roots).unwrap();
-    let target = Resolver::default()
-        .open_write(&lex, true, overwrite)
-        .unwrap();
-    let temp = Temp::create(Arc::new(target.dir)).unwrap();
-    for (i, chunk) in data.chunks(7).enumerate() {
-        write_all_at(&temp.file, chunk, (i * 7) as u64).unwrap();
-    }
-    temp.commit(&target.name, 0o600, (None, None), overwrite)
-}
-
 #[test]
 fn round_trip_with_sha256() {
     let t = Tree::new("roundtrip");
     let data: Vec<u8> = (0..10_000u32).map(|i| (i * 31 % 251) as u8).collect();
-    upload(&t, r"deep\er\data.bin", &data, false).unwrap();
+    upload_file(&t, r"deep\er\data.bin", &data, false).unwrap();
     let roots = vec![t.root.clone()];
     let p = t.r(r"DEEP\er\Data.BIN");
     let lex = path::check(&p, &roots).unwrap();
@@ -618,33 +593,13 @@ fn a_dropped_upload_leaves_the_target_untouched() {
     assert_eq!(entries(&t.root), ["file", "sub"]);
 }
 
+/// An owner cannot be set on Windows: refused, nothing committed.
 #[test]
-fn commit_never_replaces_a_file_created_meanwhile() {
-    let t = Tree::new("commit");
+fn an_owner_cannot_be_set() {
+    let t = Tree::new("owner");
+    upload_file(&t, "target", b"first", false).unwrap();
     let roots = vec![t.root.clone()];
     let p = t.r("target");
-    let lex = path::check(&p, &roots).unwrap();
-    let target = Resolver::default().open_write(&lex, false, false).unwrap();
-    let temp = Temp::create(Arc::new(target.dir)).unwrap();
-    write_all_at(&temp.file, b"new", 0).unwrap();
-    std::fs::write(t.root.join("target"), "raced in").unwrap();
-    assert!(matches!(
-        temp.commit(&target.name, 0o600, (None, None), false),
-        Err(CommitError::Exists)
-    ));
-    assert_eq!(
-        std::fs::read_to_string(t.root.join("target")).unwrap(),
-        "raced in"
-    );
-    assert_eq!(entries(&t.root), ["file", "sub", "target"]);
-    // With overwrite the new content replaces it.
-    upload(&t, "target", b"replaced", true).unwrap();
-    assert_eq!(
-        std::fs::read_to_string(t.root.join("target")).unwrap(),
-        "replaced"
-    );
-    assert_eq!(entries(&t.root), ["file", "sub", "target"]);
-    // An owner cannot be set: refused, nothing committed.
     let lex = path::check(&p, &roots).unwrap();
     let target = Resolver::default().open_write(&lex, false, true).unwrap();
     let temp = Temp::create(Arc::new(target.dir)).unwrap();
@@ -654,7 +609,7 @@ fn commit_never_replaces_a_file_created_meanwhile() {
     ));
     assert_eq!(
         std::fs::read_to_string(t.root.join("target")).unwrap(),
-        "replaced"
+        "first"
     );
     assert_eq!(entries(&t.root), ["file", "sub", "target"]);
 }
