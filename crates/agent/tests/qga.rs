@@ -20,16 +20,7 @@ fn exec_runs_only_what_the_allowlist_names() {
     let pid = started["return"]["pid"]
         .as_i64()
         .unwrap_or_else(|| panic!("{started}"));
-    let status = loop {
-        let s = c.call(&format!(
-            r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#
-        ));
-        if s["return"]["exited"] == json!(true) {
-            break s["return"].clone();
-        }
-        assert_eq!(s["return"], json!({"exited": false}), "{s}");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
+    let status = c.wait_exited(pid);
     assert_eq!(status["exitcode"], 0);
     assert_eq!(unb64(&status["out-data"]), "hello qga");
     assert_eq!(unb64(&status["err-data"]), "");
@@ -43,14 +34,7 @@ fn exec_runs_only_what_the_allowlist_names() {
         r#"{"execute":"guest-exec","arguments":{"path":"sh","arg":["-c","echo oops >&2; exit 3"],"capture-output":"stderr"}}"#,
     );
     let pid = started["return"]["pid"].as_i64().unwrap();
-    let status = loop {
-        let s = c.call(&format!(
-            r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#
-        ));
-        if s["return"]["exited"] == json!(true) {
-            break s["return"].clone();
-        }
-    };
+    let status = c.wait_exited(pid);
     assert_eq!(status["exitcode"], 3);
     assert_eq!(unb64(&status["err-data"]), "oops\n");
     assert!(status.get("out-data").is_none(), "{status}");
@@ -70,20 +54,7 @@ fn exec_runs_only_what_the_allowlist_names() {
     assert_eq!(merged["error"]["class"], "GenericError");
     // Every request left one record, marked as QGA, the refusal as denied
     // with the argv asked for.
-    let trail = agent.audit();
-    let rm = trail
-        .iter()
-        .find(|r| r["method"] == "guest-exec" && r["decision"] == "denied")
-        .unwrap_or_else(|| panic!("{trail:?}"));
-    assert_eq!(
-        rm["details"]["argv"],
-        json!(["/bin/rm", "-rf", "/tmp/x"]),
-        "{rm}"
-    );
-    assert!(
-        trail.iter().all(|r| r["details"]["protocol"] == "qga"),
-        "{trail:?}"
-    );
+    agent.assert_exec_denied_in_trail(json!(["/bin/rm", "-rf", "/tmp/x"]));
 }
 
 #[test]

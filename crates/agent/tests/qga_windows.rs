@@ -77,15 +77,7 @@ fn exec_runs_only_what_the_allowlist_names() {
     let pid = started["return"]["pid"]
         .as_i64()
         .unwrap_or_else(|| panic!("{started}"));
-    let deadline = std::time::Instant::now() + common::PATIENCE;
-    let status = loop {
-        let s = call(&mut c, "guest-exec-status", json!({ "pid": pid }));
-        if s["return"]["exited"] == json!(true) {
-            break s["return"].clone();
-        }
-        assert!(std::time::Instant::now() < deadline, "never exited: {s}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let status = c.wait_exited(pid);
     assert_eq!(status["exitcode"], 0, "{status}");
     assert!(!unb64(&status["out-data"]).trim().is_empty(), "{status}");
     // Not on the allowlist: refused by policy, a GenericError naming why.
@@ -102,19 +94,7 @@ fn exec_runs_only_what_the_allowlist_names() {
             .contains("Denied by policy"),
         "{refused}"
     );
-    let trail = agent.audit();
-    let denied = trail
-        .iter()
-        .find(|r| r["method"] == "guest-exec" && r["decision"] == "denied")
-        .unwrap_or_else(|| panic!("{trail:?}"));
-    assert_eq!(
-        denied["details"]["argv"],
-        json!(["cmd.exe", "/c", "echo hi"])
-    );
-    assert!(
-        trail.iter().all(|r| r["details"]["protocol"] == "qga"),
-        "{trail:?}"
-    );
+    agent.assert_exec_denied_in_trail(json!(["cmd.exe", "/c", "echo hi"]));
 }
 
 #[test]

@@ -398,6 +398,24 @@ impl QgaConn {
         self.reply().1
     }
 
+    /// Poll `guest-exec-status` for `pid` until it says the process
+    /// exited; its `return`. Until then the answer must be exactly
+    /// `{"exited": false}`.
+    pub fn wait_exited(&mut self, pid: i64) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let s = self.call(&format!(
+                r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#
+            ));
+            if s["return"]["exited"] == serde_json::json!(true) {
+                return s["return"].clone();
+            }
+            assert_eq!(s["return"], serde_json::json!({"exited": false}), "{s}");
+            assert!(Instant::now() < deadline, "{pid} never exited: {s}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Resynchronise as hosts do: 0xFF, then guest-sync-delimited, and
     /// skip everything up to its answer.
     pub fn resync(&mut self, id: i64) {
@@ -477,6 +495,21 @@ impl QgaAgent {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The trail so far has `guest-exec` of `argv` denied, and every record
+    /// is marked as qemu-ga's protocol.
+    pub fn assert_exec_denied_in_trail(&self, argv: Value) {
+        let trail = self.audit();
+        let denied = trail
+            .iter()
+            .find(|r| r["method"] == "guest-exec" && r["decision"] == "denied")
+            .unwrap_or_else(|| panic!("{trail:?}"));
+        assert_eq!(denied["details"]["argv"], argv, "{denied}");
+        assert!(
+            trail.iter().all(|r| r["details"]["protocol"] == "qga"),
+            "{trail:?}"
+        );
     }
 
     /// The audit records written so far.
