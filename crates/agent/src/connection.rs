@@ -98,15 +98,9 @@ pub async fn serve(ctx: Arc<Context>, conn: Connection) {
         let n = if decoder.body_bytes_missing().is_some_and(|m| m >= READ_BUF) {
             let missing = decoder.body_bytes_missing().unwrap_or(0);
             let body = decoder.body_spare(0).expect("in a body");
-            if body.capacity() - body.len() < missing {
-                // A pooled buffer (a file chunk's frame returns to the pool
-                // once written), so large frames cost no new allocation.
-                let mut pooled = buffers::take();
-                pooled.clear();
-                pooled.reserve(body.len() + missing);
-                pooled.extend_from_slice(body);
-                *body = pooled;
-            }
+            // A pooled buffer (a file chunk's frame returns to the pool once
+            // written), so large frames cost no new allocation.
+            buffers::reserve_pooled(body, missing);
             // Straight into the spare capacity, never zeroed first, and never
             // past this frame's end.
             let mut spare = (&mut *body).limit(missing);

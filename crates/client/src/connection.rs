@@ -441,16 +441,10 @@ async fn read_loop(mut rd: ReadHalf<BoxStream>, shared: Arc<Shared>, max_frame_b
             let Some(spare) = dec.body_spare(0) else {
                 continue;
             };
-            if spare.capacity() - spare.len() < want {
-                // A pooled buffer (a downloaded chunk's buffer returns to
-                // the pool once written), so large frames cost no new
-                // allocation, page faults or zeroing.
-                let mut pooled = buffers::take();
-                pooled.clear();
-                pooled.reserve(spare.len() + missing);
-                pooled.extend_from_slice(spare);
-                *spare = pooled;
-            }
+            // A pooled buffer (a downloaded chunk's buffer returns to the
+            // pool once written), so large frames cost no new allocation,
+            // page faults or zeroing.
+            buffers::reserve_pooled(spare, missing);
             match (&mut rd).take(want as u64).read_buf(spare).await {
                 Ok(0) => break eof(),
                 Ok(_) => {}

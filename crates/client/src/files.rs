@@ -178,9 +178,8 @@ pub async fn upload(
             // the connection writes as it is and then gives back to the pool
             // (read into its spare capacity: never zeroed first).
             let (n, attached) = if wire.attachments {
-                let mut bytes = buffers::take();
-                bytes.clear();
-                bytes.reserve(chunk);
+                let mut bytes = Vec::new();
+                buffers::reserve_pooled(&mut bytes, chunk);
                 (&mut file)
                     .take(chunk as u64)
                     .read_to_end(&mut bytes)

@@ -26,6 +26,20 @@ pub fn take() -> Vec<u8> {
         .unwrap_or_default()
 }
 
+/// Make room in `buf` for `additional` more bytes without a fresh
+/// allocation where the pool has a buffer: when `buf` must grow, its bytes
+/// move into a pooled buffer (which then takes its place).
+pub fn reserve_pooled(buf: &mut Vec<u8>, additional: usize) {
+    if buf.capacity() - buf.len() >= additional {
+        return;
+    }
+    let mut pooled = take();
+    pooled.clear();
+    pooled.reserve(buf.len() + additional);
+    pooled.extend_from_slice(buf);
+    *buf = pooled;
+}
+
 /// Give a buffer back for reuse; one over `max` bytes (and over the pool's
 /// own bound) goes back to the allocator.
 pub fn give(b: Vec<u8>, max: usize) {
@@ -65,5 +79,17 @@ mod tests {
         let pool = POOL.lock().unwrap();
         assert!(pool.iter().all(|b| b.capacity() <= POOLED_MAX));
         assert!(pool.len() <= POOL_BUFFERS);
+    }
+
+    #[test]
+    fn reserve_pooled_keeps_the_bytes_and_makes_the_room() {
+        let mut b = b"head".to_vec();
+        reserve_pooled(&mut b, 100_000);
+        assert_eq!(b, b"head");
+        assert!(b.capacity() - b.len() >= 100_000);
+        // Enough room already: the same buffer stays.
+        let ptr = b.as_ptr();
+        reserve_pooled(&mut b, 10);
+        assert_eq!(b.as_ptr(), ptr);
     }
 }

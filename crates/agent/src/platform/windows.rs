@@ -35,7 +35,7 @@ pub use process::{
     KILLED_EXIT_CODE, SIGKILL,
 };
 pub use sessions::logged_in_users;
-pub use system::{boot_id, fqdn, hostname, os_info, timezone, uptime_seconds};
+pub use system::{boot_id, fqdn, hostname, kernel_version, os_info, timezone, uptime_seconds};
 
 /// This guest's OS family.
 pub const OS_FAMILY: OsFamily = OsFamily::Windows;
@@ -52,11 +52,6 @@ fn last_error(call: &str) -> PlatformError {
 /// A Win32 error code returned by `call`.
 fn win32_error(call: &str, code: u32) -> PlatformError {
     PlatformError::io(call, std::io::Error::from_raw_os_error(code as i32))
-}
-
-/// The kernel's build string (qga's `kernel-version`): none on Windows yet.
-pub fn kernel_version() -> Option<String> {
-    None
 }
 
 /// A failed NTSTATUS from `call` (not a Win32 error code, so no `os_error`).

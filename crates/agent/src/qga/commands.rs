@@ -677,23 +677,13 @@ fn decoded_len(b64: &str) -> u64 {
     (b64.len() as u64 / 4 * 3).saturating_sub(pad)
 }
 
-/// On Windows, as qemu-ga's Windows build: `id` `mswindows`, and
-/// `kernel-version` the major and minor version (`10.0`).
+/// On Windows `id` is `mswindows`, as qemu-ga's Windows build says.
 fn osinfo(g: &GuestInfo) -> schema::OsInfo {
     let os = &g.os;
     let windows = os.family == kvm_agent_protocol::methods::core::OsFamily::Windows;
-    let major_minor = || {
-        let v = os.version_id.as_deref()?;
-        let mut parts = v.splitn(3, '.');
-        Some(format!("{}.{}", parts.next()?, parts.next()?))
-    };
     schema::OsInfo {
         kernel_release: Some(os.kernel_release.clone()),
-        kernel_version: if windows {
-            major_minor()
-        } else {
-            crate::platform::kernel_version()
-        },
+        kernel_version: crate::platform::kernel_version(),
         machine: Some(os.machine.clone()),
         id: if windows {
             Some("mswindows".into())

@@ -173,17 +173,7 @@ fn assemble(v: Version) -> OsInfo {
 /// version and build from RtlGetVersion (which, unlike GetVersionEx, does
 /// not depend on the exe's manifest), native architecture.
 pub fn os_info() -> Result<OsInfo, PlatformError> {
-    let mut info = OSVERSIONINFOEXW {
-        dwOSVersionInfoSize: std::mem::size_of::<OSVERSIONINFOEXW>() as u32,
-        ..Default::default()
-    };
-    // SAFETY: an OSVERSIONINFOEXW whose size field says so, which
-    // RtlGetVersion accepts in place of OSVERSIONINFOW.
-    let status =
-        unsafe { RtlGetVersion((&mut info as *mut OSVERSIONINFOEXW).cast::<OSVERSIONINFOW>()) };
-    if status < 0 {
-        return Err(nt_error("RtlGetVersion", status));
-    }
+    let info = rtl_version()?;
     const KEY: &str = r"SOFTWARE\Microsoft\Windows NT\CurrentVersion";
     Ok(assemble(Version {
         major: info.dwMajorVersion,
@@ -196,6 +186,29 @@ pub fn os_info() -> Result<OsInfo, PlatformError> {
         display_version: hklm_string(KEY, "DisplayVersion")
             .or_else(|| hklm_string(KEY, "ReleaseId")),
     }))
+}
+
+/// The kernel's version as qemu-ga's Windows build gives `kernel-version`:
+/// major and minor (`10.0`).
+pub fn kernel_version() -> Option<String> {
+    let info = rtl_version().ok()?;
+    Some(format!("{}.{}", info.dwMajorVersion, info.dwMinorVersion))
+}
+
+/// RtlGetVersion's answer.
+fn rtl_version() -> Result<OSVERSIONINFOEXW, PlatformError> {
+    let mut info = OSVERSIONINFOEXW {
+        dwOSVersionInfoSize: std::mem::size_of::<OSVERSIONINFOEXW>() as u32,
+        ..Default::default()
+    };
+    // SAFETY: an OSVERSIONINFOEXW whose size field says so, which
+    // RtlGetVersion accepts in place of OSVERSIONINFOW.
+    let status =
+        unsafe { RtlGetVersion((&mut info as *mut OSVERSIONINFOEXW).cast::<OSVERSIONINFOW>()) };
+    if status < 0 {
+        return Err(nt_error("RtlGetVersion", status));
+    }
+    Ok(info)
 }
 
 /// GetComputerNameExW for `format`, sized by its own answer.
